@@ -1,0 +1,1 @@
+"""searchkit's command-line front end (installed as `searchkit.cli`)."""

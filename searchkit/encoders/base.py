@@ -1,0 +1,118 @@
+"""The one encoder contract every model family implements.
+
+An encoder turns images and texts into rows of one shared embedding space: float32 numpy arrays
+of shape (n, dim), each row L2-normalized, so inner product is cosine similarity. Image encoding is
+split in two steps so the indexing pipeline can run `preprocess` in decode workers and batch the
+model call: `preprocess(PIL image) -> CHW tensor`, then `encode_image_tensors(NCHW batch)`.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+ImageInput = Union["Image.Image", str, Path]
+
+
+def default_device() -> str:
+    """`SEARCHKIT_DEVICE` if set, else CUDA when available, else CPU."""
+    forced = os.environ.get("SEARCHKIT_DEVICE")
+    if forced:
+        return forced
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def l2_normalize(x: torch.Tensor) -> np.ndarray:
+    """Rows scaled to unit length, returned as contiguous float32 numpy."""
+    import torch
+
+    x = x.float()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+
+
+class Encoder(ABC):
+    """A dual encoder mapping images and texts into one normalized embedding space."""
+
+    #: canonical spec string; `get_encoder(spec)` rebuilds this exact encoder
+    spec: str
+    #: embedding dimension
+    dim: int
+    #: side of the square input the image tower expects (decoders may draft-decode to it)
+    image_size: int
+    #: multiplier applied to cosine similarities before a softmax (CLIP's learned temperature)
+    logit_scale: float = 100.0
+    #: torch device the model runs on
+    device: str = "cpu"
+    #: images per model call the pipeline should aim for
+    image_batch_size: int = 32
+    #: texts per model call
+    text_batch_size: int = 256
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the weights; bundles refuse to mix embeddings of two fingerprints."""
+        return self.spec
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """An RGB PIL image to the CHW float tensor the image tower takes."""
+
+    @abstractmethod
+    def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """A preprocessed NCHW batch to (n, dim) normalized float32 embeddings."""
+
+    @abstractmethod
+    def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
+        """One batch of texts to (n, dim) normalized float32 embeddings."""
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts to (n, dim) normalized float32 embeddings, batched."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        parts = [
+            self._encode_text_batch(texts[i : i + self.text_batch_size])
+            for i in range(0, len(texts), self.text_batch_size)
+        ]
+        return np.concatenate(parts, axis=0)
+
+    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """PIL images or image paths to (n, dim) normalized float32 embeddings, batched.
+
+        Paths are opened with searchkit's loader (EXIF orientation, any mode to RGB); an
+        unreadable path raises `searchkit.errors.DecodeError`.
+        """
+        import torch
+
+        from ..images import load_image, to_rgb
+
+        images = list(images)
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        parts = []
+        for i in range(0, len(images), self.image_batch_size):
+            chunk = images[i : i + self.image_batch_size]
+            tensors = []
+            for item in chunk:
+                img = to_rgb(item) if not isinstance(item, (str, Path)) else load_image(
+                    item, draft_size=self.image_size
+                )
+                tensors.append(self.preprocess(img))
+            parts.append(self.encode_image_tensors(torch.stack(tensors)))
+        return np.concatenate(parts, axis=0)

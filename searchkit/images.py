@@ -1,0 +1,139 @@
+"""Image files to RGB PIL images: every format and mode, orientation applied, bombs refused.
+
+`load_image` is the only way searchkit opens an image file. It reads JPEG, PNG, WebP, GIF (first
+frame), BMP and TIFF; applies the EXIF orientation; converts any mode (CMYK, 16-bit and 32-bit
+integer, float, palette with transparency, alpha) to 8-bit RGB, compositing transparency on
+white; refuses images over PIL's `Image.MAX_IMAGE_PIXELS` before decoding any pixel; and, given
+`draft_size`, lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding so a 12 MP photo is
+never decoded at full size when the model looks at 224 pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DecodeError
+
+#: file extensions indexed as images (lower case)
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The file's bytes, or DecodeError naming why they cannot be had."""
+    p = str(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        if os.path.islink(p):
+            raise DecodeError("broken symlink") from e
+        raise DecodeError("file not found") from e
+    except PermissionError as e:
+        raise DecodeError("permission denied") from e
+    except IsADirectoryError as e:
+        raise DecodeError("is a directory") from e
+    except OSError as e:
+        raise DecodeError(f"cannot read: {e.strerror or e}") from e
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    return data
+
+
+def decode_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
+    """Encoded image bytes to an RGB image (see the module docstring)."""
+    try:
+        with warnings.catch_warnings():
+            # we refuse oversize images ourselves below, with a clearer message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:
+            raise DecodeError(
+                f"decompression bomb: {img.width}x{img.height} pixels exceeds the "
+                f"{limit}-pixel limit"
+            )
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"decompression bomb: {e}") from e
+    except UnidentifiedImageError as e:
+        raise DecodeError("not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DecodeError(f"cannot decode image: {msg}") from e
+
+
+def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Image.Image:
+    """Open an image file as RGB; DecodeError with a one-line reason if it cannot be."""
+    return decode_image(read_bytes(path), draft_size=draft_size)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white."""
+    if not isinstance(img, Image.Image):
+        raise DecodeError(f"expected a PIL image or a path, got {type(img).__name__}")
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        return _high_depth_to_rgb(img)
+    # 1, L, CMYK, YCbCr, LAB, HSV: PIL converts these correctly
+    return img.convert("RGB")
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float64)
+        finite = arr[np.isfinite(arr)]
+        hi = float(finite.max()) if finite.size else 1.0
+        scale = 255.0 if hi <= 1.0 else 255.0 / max(hi, 1e-12)
+        arr = np.nan_to_num(arr) * scale
+    else:
+        arr = arr.astype(np.float64)
+        # 16-bit samples (also 16-bit data in PIL's 32-bit 'I' container) map 0..65535 -> 0..255
+        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+    gray = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L")
+    return gray.convert("RGB")
+
+
+def image_paths_under(root: str | Path) -> list[str]:
+    """Image files below a folder, recursively, sorted; symlinked folders are not followed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(
+            os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_path(f)
+        )
+    found.sort()
+    return found

@@ -1,0 +1,165 @@
+"""What `index` reads: image files found under the given paths, and text corpora split into
+documents (one per non-empty line of a .txt; one per row of a .csv/.tsv/.jsonl, from the text
+column)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+from .errors import DecodeError, UsageError
+from .images import image_paths_under, is_image_path
+
+TEXT_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".jsonl"})
+DEFAULT_TEXT_COLUMNS = ("text", "caption")
+
+
+def is_text_path(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in TEXT_EXTENSIONS
+
+
+@dataclass
+class Root:
+    """One PATH argument: a folder of images, an image file, or a text corpus."""
+
+    path: str  # absolute, normalized
+    is_dir: bool
+
+    def covers(self, path: str, kind: str) -> bool:
+        """Whether a file of this kind at `path` is this root's to keep in step with the disk
+        (a folder root covers the images below it; a file root covers that file)."""
+        if self.is_dir:
+            return kind == "image" and path.startswith(self.path.rstrip(os.sep) + os.sep)
+        return path == self.path
+
+
+def resolve_roots(paths) -> list[Root]:
+    roots = []
+    for p in paths:
+        ap = os.path.abspath(os.path.expanduser(str(p)))
+        if os.path.isdir(ap):
+            roots.append(Root(ap, True))
+        elif os.path.lexists(ap):
+            if not (is_image_path(ap) or is_text_path(ap)):
+                raise UsageError(
+                    f"{p}: unsupported file type; index image files "
+                    "(.jpg .png .webp .gif .bmp .tif), folders of them, or text corpora (.txt .csv .tsv .jsonl)"
+                )
+            roots.append(Root(ap, False))
+        else:
+            raise UsageError(f"{p}: no such file or folder")
+    return roots
+
+
+def discover(roots: list[Root]) -> dict[str, str]:
+    """Every input file under the roots -> its kind ('image' or 'text'), sorted by path."""
+    found: dict[str, str] = {}
+    for root in roots:
+        if root.is_dir:
+            for path in image_paths_under(root.path):
+                found[path] = "image"
+        else:
+            found[root.path] = "text" if is_text_path(root.path) else "image"
+    return dict(sorted(found.items()))
+
+
+@dataclass
+class Corpus:
+    docs: list[tuple[int, str]] = field(default_factory=list)  # (line number, text)
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+
+
+def parse_corpus(path: str, data: bytes, text_column: str | None = None) -> Corpus:
+    """Split a corpus file's bytes into documents; undecodable lines become `bad_lines`.
+
+    Raises DecodeError when the file as a whole cannot be read (no text column, not JSON Lines).
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    text = data.decode("utf-8", errors="surrogateescape")
+    corpus = Corpus()
+    if ext == ".txt":
+        for n, line in enumerate(text.splitlines(), start=1):
+            _take(corpus, n, line)
+    elif ext == ".jsonl":
+        column = None
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            if _has_surrogates(line):
+                corpus.bad_lines.append((n, "not valid UTF-8"))
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                corpus.bad_lines.append((n, f"invalid JSON: {e.msg}"))
+                continue
+            if not isinstance(obj, dict):
+                corpus.bad_lines.append((n, "not a JSON object"))
+                continue
+            column = column or _pick_column(list(obj), text_column, path, strict=False)
+            value = obj.get(column) if column else None
+            if value is None:
+                corpus.bad_lines.append((n, f"no '{text_column or 'text'}' field"))
+                continue
+            _take(corpus, n, str(value))
+    else:  # .csv / .tsv
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
+        try:
+            header = next(reader)
+        except StopIteration:
+            return corpus
+        except csv.Error as e:
+            raise DecodeError(f"cannot parse header: {e}") from e
+        col = header.index(_pick_column(header, text_column, path, strict=True))
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                corpus.bad_lines.append((start, f"cannot parse row: {e}"))
+                continue
+            if not row:
+                continue
+            if col >= len(row):
+                corpus.bad_lines.append((start, f"row has {len(row)} fields, the text column is #{col + 1}"))
+                continue
+            _take(corpus, start, row[col])
+    return corpus
+
+
+def _take(corpus: Corpus, n: int, value: str) -> None:
+    value = value.strip()
+    if not value:
+        return
+    if _has_surrogates(value):
+        corpus.bad_lines.append((n, "not valid UTF-8"))
+    else:
+        corpus.docs.append((n, value))
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _pick_column(columns: list[str], wanted: str | None, path: str, *, strict: bool) -> str | None:
+    candidates = (wanted,) if wanted else DEFAULT_TEXT_COLUMNS
+    for c in candidates:
+        if c in columns:
+            return c
+    if not strict:
+        return None
+    raise DecodeError(
+        f"no text column {' or '.join(repr(c) for c in candidates)} (columns: {', '.join(columns) or 'none'}); "
+        "choose one with --text-column"
+    )

@@ -1,0 +1,217 @@
+"""The bundle's metadata database (SQLite through sqlite-utils).
+
+Tables:
+  files     one row per indexed source file: path, kind, size, mtime_ns, content hash,
+            `complete` (0 while a text corpus is half-way through its documents)
+  items     one row per embedded thing; items.id is the FAISS id. An image file has one item;
+            a text corpus has one item per document, `locator` = its line number
+  failures  inputs that could not be read or decoded, with the reason (key: path, or
+            path:line for one bad line of a corpus)
+  meta      key/value: encoder spec, fingerprint, dim, generation
+  migrations  the named schema migrations applied, in order
+
+Every change of items bumps `generation` inside the same transaction, so a FAISS file written
+at generation g is known stale as soon as the database is at any other generation.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlite_utils
+
+from .errors import CorruptIndexError
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["files"].create(
+        {"id": int, "path": str, "kind": str, "size": int, "mtime_ns": int, "hash": str, "complete": int},
+        pk="id",
+    )
+    db["files"].create_index(["path"], unique=True)
+    db["files"].create_index(["hash"])
+    db.execute(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "file_id INTEGER NOT NULL REFERENCES files(id), kind TEXT NOT NULL, "
+        "locator INTEGER, text TEXT, vector BLOB NOT NULL)"
+    )
+    db["items"].create_index(["file_id"])
+    db["items"].create_index(["kind"])
+    db["failures"].create({"path": str, "reason": str, "at": str}, pk="path")
+    db["meta"].create({"key": str, "value": str}, pk="key")
+
+
+MIGRATIONS = [("m001_initial", m001_initial)]
+
+
+class Store:
+    """Typed access to meta.db; all writes go through `transaction()`."""
+
+    def __init__(self, path: str | Path, *, create: bool = False):
+        self.path = str(path)
+        if not create and not Path(self.path).exists():
+            raise CorruptIndexError(f"{self.path} is missing")
+        try:
+            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            self.db = sqlite_utils.Database(conn)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise CorruptIndexError(f"{self.path} is not a searchkit metadata database: {e}") from e
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- schema -------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        if not self.db["migrations"].exists():
+            if self.db.table_names() and "meta" not in self.db.table_names():
+                raise CorruptIndexError(f"{self.path} holds tables searchkit did not write")
+            self.db["migrations"].create({"name": str, "applied_at": str}, pk="name")
+        done = {r["name"] for r in self.db["migrations"].rows}
+        for name, fn in MIGRATIONS:
+            if name not in done:
+                with self.db.atomic():
+                    fn(self.db)
+                    self.db["migrations"].insert({"name": name, "applied_at": _now()})
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        with self.db.atomic():
+            yield self.db
+
+    # -- meta -----------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [key, str(value)],
+        )
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation", "0") or 0)
+
+    def bump_generation(self) -> None:
+        self.set_meta("generation", self.generation + 1)
+
+    # -- files ----------------------------------------------------------------------------------
+    def all_files(self) -> dict[str, dict]:
+        cur = self.db.execute("SELECT id, path, kind, size, mtime_ns, hash, complete FROM files")
+        cols = [d[0] for d in cur.description]
+        return {row[1]: dict(zip(cols, row)) for row in cur}
+
+    def upsert_file(self, path: str, kind: str, size: int, mtime_ns: int, hash_: str | None, complete: bool) -> int:
+        row = self.db.execute("SELECT id FROM files WHERE path = ?", [path]).fetchone()
+        values = [kind, size, mtime_ns, hash_, int(complete)]
+        if row:
+            self.db.execute(
+                "UPDATE files SET kind=?, size=?, mtime_ns=?, hash=?, complete=? WHERE id=?", values + [row[0]]
+            )
+            return int(row[0])
+        cur = self.db.execute(
+            "INSERT INTO files(path, kind, size, mtime_ns, hash, complete) VALUES (?, ?, ?, ?, ?, ?)",
+            [path] + values,
+        )
+        return int(cur.lastrowid)
+
+    def move_file(self, file_id: int, new_path: str, size: int, mtime_ns: int) -> None:
+        self.db.execute("UPDATE files SET path=?, size=?, mtime_ns=? WHERE id=?", [new_path, size, mtime_ns, file_id])
+
+    def delete_items_of(self, file_id: int) -> list[int]:
+        """Remove a file's items; returns their ids."""
+        ids = [r[0] for r in self.db.execute("SELECT id FROM items WHERE file_id = ?", [file_id])]
+        self.db.execute("DELETE FROM items WHERE file_id = ?", [file_id])
+        return ids
+
+    def delete_file(self, file_id: int) -> list[int]:
+        """Remove a file and its items; returns the removed item ids."""
+        ids = self.delete_items_of(file_id)
+        self.db.execute("DELETE FROM files WHERE id = ?", [file_id])
+        return ids
+
+    def item_counts_by_file(self) -> dict[int, int]:
+        return dict(self.db.execute("SELECT file_id, COUNT(*) FROM items GROUP BY file_id").fetchall())
+
+    def delete_failure(self, path: str) -> None:
+        self.db.execute("DELETE FROM failures WHERE path = ?", [path])
+
+    # -- items ----------------------------------------------------------------------------------
+    def insert_item(self, file_id: int, kind: str, vector: np.ndarray, locator: int | None = None, text: str | None = None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO items(file_id, kind, locator, text, vector) VALUES (?, ?, ?, ?, ?)",
+            [file_id, kind, locator, text, np.ascontiguousarray(vector, dtype=np.float32).tobytes()],
+        )
+        return int(cur.lastrowid)
+
+    def delete_items(self, ids: Iterable[int]) -> None:
+        self.db.conn.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
+
+    def set_locators(self, pairs: Iterable[tuple[int, int]]) -> None:
+        self.db.conn.executemany("UPDATE items SET locator = ? WHERE id = ?", [(loc, i) for i, loc in pairs])
+
+    def text_items_of(self, file_id: int) -> list[tuple[int, str, int]]:
+        return [tuple(r) for r in self.db.execute("SELECT id, text, locator FROM items WHERE file_id = ? ORDER BY id", [file_id])]
+
+    def vectors(self, kind: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """All (ids, vectors) of one kind, in id order."""
+        rows = self.db.execute("SELECT id, vector FROM items WHERE kind = ? ORDER BY id", [kind]).fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if not rows:
+            return ids, np.zeros((0, dim), dtype=np.float32)
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        return ids, vecs
+
+    def item_rows(self, ids: Iterable[int]) -> dict[int, dict]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        cur = self.db.execute(
+            f"SELECT items.id, items.kind, items.locator, items.text, files.path FROM items "
+            f"JOIN files ON files.id = items.file_id WHERE items.id IN ({marks})",
+            ids,
+        )
+        return {r[0]: {"id": r[0], "kind": r[1], "locator": r[2], "text": r[3], "path": r[4]} for r in cur}
+
+    def counts(self) -> dict[str, int]:
+        out = {"image": 0, "text": 0}
+        for kind, n in self.db.execute("SELECT kind, COUNT(*) FROM items GROUP BY kind"):
+            out[kind] = n
+        return out
+
+    def file_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+
+    # -- failures -------------------------------------------------------------------------------
+    def record_failure(self, path: str, reason: str) -> None:
+        self.db.execute(
+            "INSERT INTO failures(path, reason, at) VALUES (?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+            [path, reason, _now()],
+        )
+
+    def clear_failures(self, path: str) -> None:
+        """Forget failures of a file and of its lines (`path`, `path:N`)."""
+        self.db.execute(
+            "DELETE FROM failures WHERE path = ? OR (substr(path, 1, ?) = ? AND substr(path, ?) GLOB '[0-9]*')",
+            [path, len(path) + 1, path + ":", len(path) + 2],
+        )
+
+    def failures(self) -> list[dict]:
+        cur = self.db.execute("SELECT path, reason, at FROM failures ORDER BY path")
+        return [{"path": p, "reason": r, "at": a} for p, r, a in cur]

@@ -1,0 +1,62 @@
+"""Zero-shot classification by the nearest label prompt (CLIP's recipe).
+
+Each label's text embedding is the mean of the normalized embeddings of its prompts (one per
+template), normalized again; image embeddings are compared with these by cosine, scaled by the
+encoder's logit scale, and a softmax gives the probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import UsageError
+
+#: the default prompt ensemble (a short subset of CLIP's ImageNet templates)
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a cropped photo of the {}.",
+    "a good photo of a {}.",
+    "a blurry photo of a {}.",
+)
+
+
+def parse_labels(labels: str | Sequence[str]) -> list[str]:
+    if isinstance(labels, str):
+        labels = labels.split(",")
+    out = [str(x).strip() for x in labels if str(x).strip()]
+    if len(out) < 2:
+        raise UsageError("give at least two labels, e.g. --labels \"cat,dog\"")
+    if len(set(out)) != len(out):
+        raise UsageError("labels must be distinct")
+    return out
+
+
+def check_templates(templates: Sequence[str] | None) -> tuple[str, ...]:
+    if not templates:
+        return DEFAULT_TEMPLATES
+    for t in templates:
+        if "{}" not in t:
+            raise UsageError(f"template {t!r} has no '{{}}' where the label goes")
+    return tuple(templates)
+
+
+def label_embeddings(encoder, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """(n_labels, dim) normalized mean prompt embeddings."""
+    prompts = [t.replace("{}", label) for label in labels for t in templates]
+    emb = encoder.encode_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def probabilities(image_emb: np.ndarray, label_emb: np.ndarray, logit_scale: float) -> np.ndarray:
+    logits = logit_scale * (image_emb @ label_emb.T)
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
