@@ -203,7 +203,7 @@ def test_every_bad_image_kind_is_recorded_and_run_continues(tmp_path, monkeypatc
     assert left == {"trunc.jpg", "dangling.jpg", "bomb.png"}
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file; covered by the CLI test run as nobody")
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file; tests/test_cli.py covers it by dropping capabilities")
 def test_unreadable_permission(tmp_path):
     make_images(tmp_path / "p", 2)
     locked = tmp_path / "p" / "img000.jpg"

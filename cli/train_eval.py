@@ -1,0 +1,170 @@
+"""`searchkit train` and `searchkit eval {retrieval,zeroshot}`: parse, call the library, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .main import EXIT_PARTIAL, _print_json, _stderr, _table, handle_errors
+
+ModelOpt = typer.Option("auto", "--model", "-m", help="Model spec: auto, mini, open_clip:ARCH@TAG, or a checkpoint folder.")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output (JSON) on stdout.")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _recall_rows(metrics: dict) -> list[list]:
+    ks = sorted({int(k.split("@")[1]) for k in metrics if "@" in k})
+    return [
+        ["text→image", *[_pct(metrics[f"t2i_R@{k}"]) for k in ks]],
+        ["image→text", *[_pct(metrics[f"i2t_R@{k}"]) for k in ks]],
+    ], [f"R@{k}" for k in ks]
+
+
+def train_cmd(
+    captions: Path = typer.Argument(..., help="CSV with columns image,caption (several captions per image)."),
+    images: Path = typer.Option(..., "--images", help="Folder the CSV's image names are relative to."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (usable as --model PATH)."),
+    val_split: Optional[Path] = typer.Option(None, "--val-split", help="File of validation image names, one a line."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Random share of images for validation. [default: 0.1 without --val-split]"),
+    train_split: Optional[Path] = typer.Option(None, "--train-split", help="File of training image names. [default: all non-validation images]"),
+    image_tower: str = typer.Option("efficientnet_lite0", "--image-tower", help="efficientnet_lite0|1|2 (pip-shipped) or open_clip:ARCH@TAG."),
+    text_tower: str = typer.Option("all-MiniLM-L6-v2", "--text-tower", help="all-MiniLM-L6-v2 (pip-shipped) or open_clip:ARCH@TAG."),
+    dim: int = typer.Option(256, "--dim", min=2, help="Shared embedding dimension."),
+    hidden: int = typer.Option(0, "--hidden", min=0, help="Hidden width of a residual MLP in each head (0: linear heads)."),
+    dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=0.9, help="Dropout on head inputs (and hidden layer)."),
+    epochs: int = typer.Option(40, "--epochs", min=1, help="Most epochs (each visits every training caption once)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=2, help="Pairs per batch (distinct images)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (one-cycle schedule)."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay."),
+    patience: int = typer.Option(6, "--patience", min=1, help="Stop after this many epochs without a better validation mean recall."),
+    temperature: float = typer.Option(0.07, "--temperature", help="Initial softmax temperature (learned)."),
+    class_prompts: bool = typer.Option(False, "--class-prompts/--no-class-prompts", help="Add synthetic ImageNet class-prompt pairs (EfficientNet towers)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (splits, batches, init)."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device. [default: cuda when present, else cpu]"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Tower feature cache. [default: $SEARCHKIT_CACHE/features or ~/.cache/searchkit/features]"),
+    json_out: bool = JsonOpt,
+):
+    """Train projection heads on frozen towers (CLIP-style) and write a checkpoint folder."""
+    from searchkit.train import TrainConfig, train
+
+    config = TrainConfig(
+        image_tower=image_tower,
+        text_tower=text_tower,
+        dim=dim,
+        hidden=hidden,
+        dropout=dropout,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        patience=patience,
+        init_temperature=temperature,
+        class_prompts=class_prompts,
+        seed=seed,
+    )
+    result = train(
+        captions,
+        images,
+        out,
+        config,
+        val_split=val_split,
+        val_fraction=val_fraction,
+        train_split=train_split,
+        device=device,
+        cache_dir=cache_dir,
+        progress=not json_out,
+    )
+    if json_out:
+        _print_json(result.to_dict())
+        return
+    _table(
+        "epochs",
+        ["epoch", "loss", "val mean R", "t2i R@1", "t2i R@10", "i2t R@1", "temp", "s"],
+        [
+            [h.epoch, f"{h.loss:.4f}", _pct(h.val["mean"]), _pct(h.val["t2i_R@1"]), _pct(h.val["t2i_R@10"]),
+             _pct(h.val["i2t_R@1"]), f"{h.temperature:.4f}", f"{h.seconds:.1f}"]
+            for h in result.history
+        ],
+    )
+    rows, cols = _recall_rows(result.best)
+    _table(f"best epoch {result.best_epoch} (validation, %)", ["direction", *cols], rows)
+    _stderr(f"checkpoint: {result.checkpoint}  (use: --model {result.checkpoint})")
+    if result.plot:
+        _stderr(f"training curves: {result.plot}")
+
+
+eval_app = typer.Typer(help="Evaluate a model: retrieval recall, zero-shot accuracy.", no_args_is_help=True)
+
+
+@eval_app.command("retrieval")
+@handle_errors
+def eval_retrieval_cmd(
+    captions: Path = typer.Option(..., "--captions", help="CSV with columns image,caption."),
+    images: Path = typer.Option(..., "--images", help="Folder the CSV's image names are relative to."),
+    split: Optional[Path] = typer.Option(None, "--split", help="File of image names to evaluate on. [default: every image in the CSV]"),
+    model: str = ModelOpt,
+    json_out: bool = JsonOpt,
+):
+    """Recall@1/5/10 text→image and image→text on an image–caption split."""
+    from searchkit import get_encoder
+    from searchkit.evaluate import evaluate_retrieval
+
+    report = evaluate_retrieval(get_encoder(model), captions, images, split=split)
+    if json_out:
+        _print_json(report)
+        return
+    rows, cols = _recall_rows(report["metrics"])
+    _table(
+        f"{report['model']}: {report['images']} images, {report['captions']} captions (%)",
+        ["direction", *cols],
+        rows + [["mean", _pct(report["metrics"]["mean"]), *[""] * (len(cols) - 1)]],
+    )
+
+
+@eval_app.command("zeroshot")
+@handle_errors
+def eval_zeroshot_cmd(
+    folder: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (folder name = label)."),
+    model: str = ModelOpt,
+    template: Optional[List[str]] = typer.Option(
+        None, "--template", "-t", help="Prompt template with {} for the label; repeat for an ensemble. [default: a built-in ensemble]"
+    ),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Confusion-matrix PNG to write. [default: ./zeroshot-FOLDERNAME.png]"),
+    no_plot: bool = typer.Option(False, "--no-plot", help="Do not write the confusion-matrix PNG."),
+    json_out: bool = JsonOpt,
+):
+    """Zero-shot top-1 / top-5 accuracy, per-class accuracy and a confusion-matrix PNG."""
+    from searchkit import get_encoder
+    from searchkit.evaluate import evaluate_zeroshot
+
+    if plot is None and not no_plot:
+        plot = Path(f"zeroshot-{folder.resolve().name}.png")
+    report = evaluate_zeroshot(get_encoder(model), folder, templates=template, plot=None if no_plot else plot)
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        _table(
+            f"{report.model}: {report.n} images, {len(report.labels)} classes",
+            ["top-1 %", "top-5 %"],
+            [[_pct(report.top1), _pct(report.top5)]],
+        )
+        _table("per class", ["class", "images", "accuracy %"], [
+            [label, sum(report.confusion[i]), _pct(report.per_class[label])] for i, label in enumerate(report.labels)
+        ])
+        if report.plot:
+            _stderr(f"confusion matrix: {report.plot}")
+    for path, error in report.failed:
+        _stderr(f"failed: {path}: {error}")
+    if report.failed:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train` and the `eval` group to the main app."""
+    app.command("train")(handle_errors(train_cmd))
+    app.add_typer(eval_app, name="eval")

@@ -1,0 +1,332 @@
+"""CLIP-style training of projection heads on frozen tower features.
+
+Tower features are computed once (and cached, see `features`), so an epoch is a few matrix
+products. Loss: symmetric InfoNCE with a learnable temperature. Each epoch visits every caption
+once; batches never hold two captions of the same image (they would be false negatives). After
+every epoch the heads are scored on the validation images (Recall@1/5/10 both ways); the best
+epoch's heads are kept, and training stops after `patience` epochs without improvement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..encoders.mini import HeadSpec, build_heads, head_config, save_checkpoint
+from ..encoders.towers import MINILM, load_image_tower, load_text_tower
+from ..errors import UsageError
+from ..evaluate import retrieval_recall
+from .data import PairSet, read_pairs, split_images
+from .features import image_features, text_features
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes a training run (saved into the checkpoint's config.json)."""
+
+    image_tower: str = "efficientnet_lite0"
+    text_tower: str = MINILM
+    dim: int = 256
+    hidden: int = 0  # hidden width of the residual MLP in each head; 0 = linear heads
+    dropout: float = 0.1
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    patience: int = 6
+    init_temperature: float = 0.07
+    #: extra pairs from the ImageNet classifier: (class weight row, "a photo of a {name}.")
+    class_prompts: bool = False
+    seed: int = 0
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: float
+    val: dict[str, float]
+    temperature: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    best_epoch: int
+    best: dict[str, float]
+    history: list[EpochStats] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    plot: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "best_epoch": self.best_epoch,
+            "best": self.best,
+            "history": [asdict(h) for h in self.history],
+            "plot": str(self.plot) if self.plot else None,
+        }
+
+
+def distinct_image_batches(
+    caption_image: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """One epoch of caption-index batches in which no image appears twice.
+
+    Captions are dealt in rounds: each round takes one not-yet-used caption of every image that
+    has one left, in a fresh random image order, and is cut into batches; a batch never spans
+    two rounds, so it holds distinct images. Every caption is used exactly once per epoch.
+    """
+    by_image: dict[int, list[int]] = {}
+    for c in rng.permutation(len(caption_image)):
+        by_image.setdefault(int(caption_image[c]), []).append(int(c))
+    batches: list[np.ndarray] = []
+    while by_image:
+        images = rng.permutation(np.fromiter(by_image, dtype=np.int64))
+        round_ = np.array([by_image[int(i)].pop() for i in images], dtype=np.int64)
+        by_image = {i: cs for i, cs in by_image.items() if cs}
+        n_batches = max(1, int(np.ceil(len(round_) / batch_size)))
+        batches.extend(b for b in np.array_split(round_, n_batches) if len(b) > 1)
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def symmetric_infonce(img, txt, scale):
+    """Mean of image→text and text→image cross-entropy over the batch's similarity matrix."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def _embed(head, feats, device: str, batch: int = 4096) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(feats), batch):
+            out.append(F.normalize(head(feats[i : i + batch].to(device)), dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def fit_heads(
+    image_feats: np.ndarray,
+    text_feats: np.ndarray,
+    caption_image: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray, np.ndarray],
+    config: TrainConfig,
+    *,
+    extra_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    on_best: Callable[[object, int, dict], None] | None = None,
+):
+    """Train heads on features. `val` is (val image feats, val text feats, val caption_image).
+
+    Returns (best heads, best epoch, best validation metrics, history, per-step losses).
+    `on_best(heads, epoch, metrics)` is called whenever validation improves.
+    """
+    import copy
+
+    import torch
+    from tqdm.auto import tqdm
+
+    if len(caption_image) < 2:
+        raise UsageError("need at least two training captions")
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    heads = build_heads(
+        HeadSpec(image_feats.shape[1], config.dim, config.hidden, config.dropout),
+        HeadSpec(text_feats.shape[1], config.dim, config.hidden, config.dropout),
+        init_logit_scale=1.0 / config.init_temperature,
+    )
+    img_t, txt_t = torch.from_numpy(image_feats), torch.from_numpy(text_feats)
+    heads.image.set_stats(img_t)
+    heads.text.set_stats(txt_t)
+    heads = heads.to(device)
+    img_t, txt_t = img_t.to(device), txt_t.to(device)
+    cap_img = torch.from_numpy(caption_image).to(device)
+    extra = tuple(torch.from_numpy(a).to(device) for a in extra_pairs) if extra_pairs else None
+    val_img, val_txt = torch.from_numpy(val[0]), torch.from_numpy(val[1])
+
+    opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    plan = [distinct_image_batches(caption_image, config.batch_size, rng) for _ in range(1)]
+    total_steps = config.epochs * len(plan[0])
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr, total_steps=max(total_steps, 1), pct_start=0.1, anneal_strategy="cos"
+    )
+    history: list[EpochStats] = []
+    step_losses: list[float] = []
+    best, best_epoch, best_state, stale = None, 0, None, 0
+    bar = tqdm(range(1, config.epochs + 1), desc="training", unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        heads.train()
+        batches = plan.pop() if plan else distinct_image_batches(caption_image, config.batch_size, rng)
+        losses = []
+        for b in batches:
+            b = torch.from_numpy(b).to(device)
+            img_in, txt_in = img_t[cap_img[b]], txt_t[b]
+            if extra is not None:
+                # a few class-prompt pairs ride along in every batch
+                pick = torch.randint(len(extra[0]), (max(1, len(b) // 8),), device=device)
+                img_in = torch.cat([img_in, extra[0][pick]])
+                txt_in = torch.cat([txt_in, extra[1][pick]])
+            loss = symmetric_infonce(heads.image(img_in), heads.text(txt_in), heads.scale())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched.last_epoch + 1 < sched.total_steps:
+                sched.step()
+            losses.append(float(loss.item()))
+        step_losses.extend(losses)
+        heads.eval()
+        metrics = retrieval_recall(_embed(heads.image, val_img, device), _embed(heads.text, val_txt, device), val[2])
+        stats = EpochStats(epoch, float(np.mean(losses)), metrics, float(1.0 / heads.scale().item()), time.perf_counter() - t0)
+        history.append(stats)
+        LOG.info(
+            "epoch %d: loss %.4f, val mean recall %.2f (t2i R@1 %.2f, R@10 %.2f)",
+            epoch, stats.loss, metrics["mean"], metrics["t2i_R@1"], metrics["t2i_R@10"],
+        )
+        bar.set_postfix(loss=f"{stats.loss:.3f}", val=f"{metrics['mean']:.1f}")
+        if best is None or metrics["mean"] > best["mean"]:
+            best, best_epoch, stale = metrics, epoch, 0
+            best_state = copy.deepcopy(heads.state_dict())
+            if on_best is not None:
+                on_best(heads, epoch, metrics)
+        else:
+            stale += 1
+            if stale >= config.patience:
+                LOG.info("early stop: no improvement for %d epochs", stale)
+                break
+    bar.close()
+    heads.load_state_dict(best_state)
+    return heads.eval(), best_epoch, best, history, step_losses
+
+
+def class_prompt_pairs(image_tower, text_tower, train_feats: np.ndarray, *, strength: float = 3.0,
+                       cache_dir=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic pairs that carry the ImageNet classifier's knowledge into the shared space.
+
+    For class c with classifier row w, the stand-in image feature is the training mean moved
+    `strength` standard deviations along S w (S: the features' covariance), the direction in
+    which a Gaussian model of the features raises class c's logit fastest; its caption is
+    "a photo of a {class name}.".
+    """
+    if not hasattr(image_tower, "class_prototypes"):
+        raise UsageError(f"class prompts need an ImageNet-classifier tower (not {image_tower.spec})")
+    weights, names = image_tower.class_prototypes()
+    w = weights.numpy().astype(np.float64)
+    x = train_feats.astype(np.float64)
+    mu = x.mean(0)
+    cov = np.cov(x, rowvar=False)
+    shift = w @ cov  # (classes, dim): S w for each class (S is symmetric)
+    sd = np.sqrt(np.einsum("cd,cd->c", shift, w)).clip(1e-12)  # std of each logit
+    feats = (mu + strength * shift / sd[:, None]).astype(np.float32)
+    texts = [f"a photo of a {n}." for n in names]
+    return feats, text_features(text_tower, texts, cache_dir=cache_dir, progress=progress)
+
+
+def train(
+    captions_csv: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    val_split: str | os.PathLike | None = None,
+    val_fraction: float | None = None,
+    train_split: str | os.PathLike | None = None,
+    device: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    plot: bool = True,
+) -> TrainResult:
+    """Train projection heads on image–caption pairs and write a checkpoint folder.
+
+    The folder (`out_dir`) gets config.json + heads.safetensors of the best validation epoch
+    (usable as `--model out_dir` / `get_encoder(out_dir)`), history.json, and training.png.
+    """
+    from ..encoders.base import default_device
+
+    config = config or TrainConfig()
+    device = device or default_device()
+    pairs = read_pairs(captions_csv, image_root)
+    train_img, val_img = split_images(
+        pairs, val_split=val_split, val_fraction=val_fraction, train_split=train_split, seed=config.seed
+    )
+    image_tower = load_image_tower(config.image_tower, device)
+    text_tower = load_text_tower(config.text_tower, device)
+    img_feats, ok = image_features(image_tower, pairs.paths, cache_dir=cache_dir, progress=progress)
+    txt_feats = text_features(text_tower, pairs.captions, cache_dir=cache_dir, progress=progress)
+    train_img, val_img = train_img[ok[train_img]], val_img[ok[val_img]]
+
+    extra = (
+        class_prompt_pairs(image_tower, text_tower, img_feats[train_img], cache_dir=cache_dir, progress=progress)
+        if config.class_prompts
+        else None
+    )
+    tr_caps, tr_map = _select(pairs, train_img)
+    va_caps, va_map = _select(pairs, val_img)
+    LOG.info(
+        "training on %d images / %d captions, validating on %d images / %d captions",
+        len(train_img), len(tr_caps), len(val_img), len(va_caps),
+    )
+    out = Path(out_dir)
+    ckpt_config = {
+        "image_tower": image_tower.spec,
+        "text_tower": text_tower.spec,
+        "training": {
+            "config": asdict(config),
+            "captions": os.path.abspath(captions_csv),
+            "train_images": int(len(train_img)),
+            "val_images": int(len(val_img)),
+        },
+    }
+
+    def write(heads, epoch: int, metrics: dict) -> None:
+        cfg = {**ckpt_config, **head_config(_spec(heads.image, config), _spec(heads.text, config))}
+        cfg["training"] = {**cfg["training"], "best_epoch": epoch, "val": metrics}
+        save_checkpoint(out, heads, cfg)
+
+    heads, best_epoch, best, history, step_losses = fit_heads(
+        img_feats[train_img],
+        txt_feats[tr_caps],
+        tr_map,
+        (img_feats[val_img], txt_feats[va_caps], va_map),
+        config,
+        extra_pairs=extra,
+        device=device,
+        progress=progress,
+        on_best=write,
+    )
+    result = TrainResult(out, best_epoch, best, history, step_losses)
+    import json
+
+    (out / "history.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if plot:
+        from .plot import plot_history
+
+        result.plot = plot_history(history, out / "training.png")
+    return result
+
+
+def _spec(head, config: TrainConfig) -> HeadSpec:
+    return HeadSpec(int(head.linear.in_features), int(head.linear.out_features), config.hidden, config.dropout)
+
+
+def _select(pairs: PairSet, image_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Caption indices of these images, and each caption's position within `image_idx`."""
+    caps = pairs.captions_of(image_idx)
+    pos = np.searchsorted(image_idx, pairs.caption_image[caps])
+    return caps, pos
