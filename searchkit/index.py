@@ -4,6 +4,7 @@
     <bundle>/meta.db         SQLite: files, items (+ embeddings), failures (see store.py)
     <bundle>/image.faiss     FAISS index of image items (ids = items.id)
     <bundle>/text.faiss      FAISS index of text items
+    <bundle>/text-onnx/      the text tower as ONNX + tokenizer, so text queries skip torch
 
 meta.db is the source of truth; every change to it is one transaction. The FAISS files are
 derived from it and replaced atomically at the end of a run together with the manifest, which
@@ -41,6 +42,7 @@ FORMAT_VERSION = 1
 KINDS = ("image", "text")
 MANIFEST = "manifest.json"
 META_DB = "meta.db"
+TEXT_ONNX_DIR = "text-onnx"
 
 
 def searchkit_home() -> Path:
@@ -73,6 +75,7 @@ class Index:
         self._vectors: dict[str, Any] = {}
         self._vectors_generation: dict[str, int] = {}
         self._lock_fd: int | None = None
+        self._text_query = None
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -238,7 +241,40 @@ class Index:
 
         if not self.writable:
             raise UsageError("this index was opened read-only; use open_index(..., create=True) to add")
-        return add_paths(self, paths, text_column=text_column, batch_size=batch_size, workers=workers, progress=progress)
+        summary = add_paths(self, paths, text_column=text_column, batch_size=batch_size, workers=workers, progress=progress)
+        self._ensure_text_query_model()
+        return summary
+
+    def _text_query_encoder(self):
+        """The bundle's torch-free text tower (text-onnx/) when it matches, else the encoder."""
+        if self._encoder is not None:
+            return self._encoder
+        if self._text_query is None:
+            fingerprint = self.store.get_meta("encoder_fingerprint")
+            folder = self.path / TEXT_ONNX_DIR
+            try:
+                from .encoders.onnx import OnnxTextEncoder
+
+                if fingerprint and OnnxTextEncoder.matches(folder, fingerprint):
+                    self._text_query = OnnxTextEncoder(folder)
+            except Exception as e:  # any failure here only costs speed: fall back to torch
+                LOG.info("text queries use the full encoder (%s)", e)
+            if self._text_query is None:
+                self._text_query = self.encoder
+        return self._text_query
+
+    def _ensure_text_query_model(self) -> None:
+        """Export the text tower for torch-free queries, once per bundle (best effort)."""
+        if self._encoder is None or os.environ.get("SEARCHKIT_TEXT_ONNX") == "0":
+            return
+        folder = self.path / TEXT_ONNX_DIR
+        try:
+            from .encoders.onnx import OnnxTextEncoder, export_text_query_model
+
+            if not OnnxTextEncoder.matches(folder, self._encoder.fingerprint):
+                export_text_query_model(self._encoder, folder)
+        except Exception as e:
+            LOG.warning("could not export the text tower for fast queries (%s); queries will load the full model", e)
 
     def _embed_query(self, query) -> np.ndarray:
         from PIL import Image
@@ -248,7 +284,7 @@ class Index:
         if isinstance(query, str):
             if not query.strip():
                 raise UsageError("empty query text")
-            return self.encoder.encode_texts([query])
+            return self._text_query_encoder().encode_texts([query])
         if isinstance(query, Path):
             img = load_image_or_raise(query, draft_size=self.encoder.image_size)
         elif isinstance(query, Image.Image):

@@ -22,6 +22,9 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SEARCHKIT_OPENCLIP_CONFIGS", str(ASSETS / "sk-tiny.json"))
     monkeypatch.setenv("SEARCHKIT_DEVICE", "cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SEARCHKIT_CACHE", str(tmp_path / "cache"))
+    # exporting the text tower for torch-free queries costs seconds; tests/test_onnx.py turns it on
+    monkeypatch.setenv("SEARCHKIT_TEXT_ONNX", "0")
     monkeypatch.chdir(tmp_path)
 
 

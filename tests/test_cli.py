@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from searchkit.cli.main import app
 from tests.conftest import TINY, make_images, run_cli
 
 runner = CliRunner()

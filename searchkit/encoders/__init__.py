@@ -3,6 +3,7 @@
 Spec forms:
   open_clip:ARCH@PRETRAINED   open_clip weights through open_clip's own download and cache
   open_clip:ARCH@random       random init (deterministic seed), for tests and benchmarks only
+  SPEC+int8                   SPEC with its image tower run as int8 ONNX on CPU (faster indexing)
   auto                        the quality default when its weights can be had, else the
                               offline fallback (see `AUTO_CANDIDATES`)
 
@@ -35,6 +36,8 @@ LOG = logging.getLogger(__name__)
 
 #: the quality default `auto` resolves to when its weights can be had
 DEFAULT_SPEC = "open_clip:ViT-B-32@laion2b_s34b_b79k"
+#: spec suffix selecting the int8 ONNX Runtime image tower (see encoders/onnx.py)
+INT8_SUFFIX = "+int8"
 #: what `auto` tries, in order
 AUTO_CANDIDATES: list[str] = [DEFAULT_SPEC]
 
@@ -95,7 +98,11 @@ def get_encoder(spec: str = "auto", *, device: str | None = None) -> Encoder:
         if key in _CACHE:
             return _CACHE[key]
     prefix, sep, rest = spec.partition(":")
-    if sep and prefix in _FAMILIES:
+    if spec.endswith(INT8_SUFFIX):
+        from .onnx import Int8ImageEncoder
+
+        enc = Int8ImageEncoder(get_encoder(spec[: -len(INT8_SUFFIX)], device=device))
+    elif sep and prefix in _FAMILIES:
         enc = _FAMILIES[prefix](rest, device)
     elif not sep and spec in _FAMILIES:
         enc = _FAMILIES[spec]("", device)

@@ -161,25 +161,46 @@ class OpenClipEncoder(Encoder):
         CLIP's text tower is causal and pools at the end-of-text token, so padding after the
         longest prompt never influences any output: dropping it gives identical embeddings.
         """
-        m = self.model
-        pool = getattr(m, "text_pool_type", None)
-        if pool not in ("argmax", "eos") or getattr(m, "attn_mask", None) is None or not hasattr(m, "token_embedding"):
-            return m.encode_text(tokens)
-        import torch
+        if not self.can_cut_text_padding:
+            return self.model.encode_text(tokens)
+        length = int((tokens != 0).sum(dim=1).max().item())
+        return self.text_forward(tokens[:, :length])
 
+    @property
+    def can_cut_text_padding(self) -> bool:
+        m = self.model
+        return (
+            getattr(m, "text_pool_type", None) in ("argmax", "eos")
+            and getattr(m, "attn_mask", None) is not None
+            and hasattr(m, "token_embedding")
+        )
+
+    def text_forward(self, tokens):
+        """The text tower on tokens of any length <= the context (unnormalized embeddings)."""
+        import torch
         from open_clip.transformer import text_global_pool
 
-        length = int((tokens != 0).sum(dim=1).max().item())
-        tokens = tokens[:, :length]
+        m = self.model
+        length = tokens.shape[1]
         cast_dtype = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast_dtype)
         x = x + m.positional_embedding[:length].to(cast_dtype)
         x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
         x = m.ln_final(x)
-        x = text_global_pool(x, tokens, pool, eos_token_id=getattr(m, "text_eos_id", None))
+        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         if m.text_projection is not None:
             x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
         return x
+
+    def image_tower(self):
+        """The module mapping a preprocessed NCHW batch to unnormalized embeddings."""
+        return self.model.visual
+
+    def bpe_tokenizer(self):
+        """open_clip's SimpleTokenizer when this model uses it (for torch-free export), else None."""
+        from open_clip.tokenizer import SimpleTokenizer
+
+        return self.tokenizer if isinstance(self.tokenizer, SimpleTokenizer) else None
 
 
 def load_open_clip(rest: str, device: str) -> Encoder:

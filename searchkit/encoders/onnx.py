@@ -1,0 +1,235 @@
+"""ONNX Runtime paths: torch-free text queries, and an int8 image tower (`SPEC+int8`).
+
+Text queries without torch: `export_text_query_model(enc, folder)` writes the text tower as ONNX
+(sequence length left dynamic, so the exact padding cut of `OpenClipEncoder` still applies) and
+CLIP's byte-level BPE as a `tokenizers` JSON. `OnnxTextEncoder(folder)` embeds texts with
+onnxruntime + tokenizers alone. The index writer stores these in the bundle (`text-onnx/`), so a
+cold `searchkit query` loads a few hundred MB of text tower and never imports torch or open_clip.
+
+`SPEC+int8`: the image tower exported to ONNX, dynamically quantized to int8 (int8 weights,
+activations quantized per batch) and run by onnxruntime; texts go through the base encoder.
+Exports are cached under `$SEARCHKIT_CACHE` (default ~/.cache/searchkit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError, require
+from .base import Encoder
+
+LOG = logging.getLogger(__name__)
+
+TEXT_DIR = "text-onnx"
+_CLIP_SPLIT = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SEARCHKIT_CACHE", Path.home() / ".cache" / "searchkit"))
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _session(path: Path):
+    ort = require("onnxruntime")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = _threads()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12))
+
+
+def clip_basic_clean(text: str) -> str:
+    """What open_clip's tokenizer does before BPE (ftfy repair, HTML unescape)."""
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def build_clip_tokenizer(simple_tokenizer):
+    """open_clip's SimpleTokenizer (its vocabulary and merges) as a `tokenizers.Tokenizer`."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    merges = [pair for pair, _ in sorted(simple_tokenizer.bpe_ranks.items(), key=lambda kv: kv[1])]
+    tok = Tokenizer(
+        models.BPE(vocab=dict(simple_tokenizer.encoder), merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="")
+    )
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    sot, eot = simple_tokenizer.encoder["<start_of_text>"], simple_tokenizer.encoder["<end_of_text>"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="<start_of_text> $A <end_of_text>", special_tokens=[("<start_of_text>", sot), ("<end_of_text>", eot)]
+    )
+    return tok
+
+
+def _export(module, example, path: Path, input_name: str, dynamic: dict[int, tuple[str, int, int]]) -> None:
+    """torch.export-based ONNX export with the named dynamic dimensions (dim: (name, min, max))."""
+    import contextlib
+    import io
+
+    import torch
+
+    dims = {axis: torch.export.Dim(name, min=lo, max=hi) for axis, (name, lo, hi) in dynamic.items()}
+    chatter = io.StringIO()  # the exporter prints progress on stdout, which carries --json output
+    with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(chatter):
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=["embeds"],
+            dynamic_shapes=(dims,),
+            dynamo=True,
+            opset_version=18,
+        )
+    LOG.debug(chatter.getvalue())
+
+
+def export_text_query_model(enc: Encoder, folder: Path) -> bool:
+    """Write `folder` (text.onnx, tokenizer.json, meta.json) for `enc`; False if unsupported."""
+    import torch
+
+    bpe = getattr(enc, "bpe_tokenizer", lambda: None)()
+    if bpe is None or not getattr(enc, "can_cut_text_padding", False):
+        return False
+
+    class TextTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = enc.model
+
+        def forward(self, tokens):
+            return enc.text_forward(tokens)
+
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=".text-onnx-", dir=folder.parent))
+    try:
+        example = bpe(["a photo of a dog", "x"]).to(enc.device)[:, :8]
+        _export(TextTower().eval(), example, tmp / "text.onnx", "tokens", {0: ("batch", 1, 4096), 1: ("length", 2, int(bpe.context_length))})
+        build_clip_tokenizer(bpe).save(str(tmp / "tokenizer.json"))
+        meta = {
+            "fingerprint": enc.fingerprint,
+            "dim": enc.dim,
+            "context_length": int(bpe.context_length),
+            "eot": int(bpe.encoder["<end_of_text>"]),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+class OnnxTextEncoder:
+    """Embeds texts like the exported encoder, with onnxruntime and tokenizers only."""
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        self.fingerprint: str = meta["fingerprint"]
+        self.dim: int = meta["dim"]
+        self.context_length: int = meta["context_length"]
+        self.eot: int = meta["eot"]
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.session = _session(folder / "text.onnx")
+
+    @staticmethod
+    def matches(folder: Path, fingerprint: str) -> bool:
+        try:
+            return json.loads((Path(folder) / "meta.json").read_text())["fingerprint"] == fingerprint
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        """(n, context_length) int64, zero-padded, truncated keeping the end-of-text token."""
+        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for row, enc in zip(out, self.tokenizer.encode_batch([clip_basic_clean(t) for t in texts])):
+            ids = enc.ids
+            if len(ids) > self.context_length:
+                ids = ids[: self.context_length - 1] + [self.eot]
+            row[: len(ids)] = ids
+        return out
+
+    def encode_texts(self, texts) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        tokens = self.tokenize(texts)
+        length = int((tokens != 0).sum(axis=1).max())
+        return _normalize(self.session.run(None, {"tokens": tokens[:, :length]})[0])
+
+
+class Int8ImageEncoder(Encoder):
+    """`SPEC+int8`: the base encoder with its image tower run as int8 ONNX on CPU."""
+
+    def __init__(self, base: Encoder):
+        if not hasattr(base, "image_tower"):
+            raise UsageError(f"{base.spec} has no exportable image tower; '+int8' is not available for it")
+        self.base = base
+        self.spec = f"{base.spec}+int8"
+        self.dim, self.image_size, self.logit_scale = base.dim, base.image_size, base.logit_scale
+        self.image_batch_size, self.text_batch_size = base.image_batch_size, base.text_batch_size
+        self.device = "cpu"
+        key = hashlib.sha256(base.fingerprint.encode()).hexdigest()[:16]
+        path = cache_dir() / "onnx" / key / "image.int8.onnx"
+        if not path.exists():
+            self._build(path)
+        self.session = _session(path)
+
+    def _build(self, path: Path) -> None:
+        import torch
+
+        require("onnx")
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            fp32 = Path(tmp) / "image.onnx"
+            example = torch.zeros(2, 3, self.image_size, self.image_size)
+            _export(self.base.image_tower().cpu().eval(), example, fp32, "pixels", {0: ("batch", 1, 4096)})
+            quantize_dynamic(str(fp32), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8)
+            os.replace(Path(tmp) / "q.onnx", path)
+        self.base.image_tower().to(self.base.device)
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.base.fingerprint}+int8"
+
+    def preprocess(self, image):
+        return self.base.preprocess(image)
+
+    def encode_image_tensors(self, batch) -> np.ndarray:
+        return _normalize(self.session.run(None, {"pixels": batch.cpu().numpy()})[0])
+
+    def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
+        return self.base._encode_text_batch(texts)
+
+
