@@ -127,10 +127,20 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
     return gray.convert("RGB")
 
 
-def image_paths_under(root: str | Path) -> list[str]:
-    """Image files below a folder, recursively, sorted; symlinked folders are not followed."""
+def image_paths_under(root: str | Path, unreadable: list[tuple[str, str]] | None = None) -> list[str]:
+    """Image files below a folder, recursively, sorted; symlinked folders are not followed.
+
+    Folders that cannot be listed are skipped; pass a list as `unreadable` to collect them as
+    (folder, reason) pairs.
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def onerror(e: OSError) -> None:
+        if unreadable is not None:
+            reason = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
+            unreadable.append((str(e.filename), f"cannot list folder: {reason}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(
             os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_path(f)

@@ -96,7 +96,7 @@ class _Run:
             self.idx._vectors_generation[kind] = gen
 
     # -- planning -------------------------------------------------------------------------------
-    def plan(self, roots, found: dict[str, str]) -> tuple[list[Job], list[Job]]:
+    def plan(self, roots, found: dict[str, str], unlisted: list[tuple[str, str]]) -> tuple[list[Job], list[Job]]:
         store, summary = self.store, self.summary
         known = store.all_files()
         counts = store.item_counts_by_file()
@@ -114,8 +114,11 @@ class _Run:
                 continue
             job = Job(path, kind, size, mtime, row)
             (jobs if row else new).append(job)
-        gone = {
-            p: r for p, r in known.items() if p not in found and any(root.covers(p, r["kind"]) for root in roots)
+        hidden = tuple(folder.rstrip(os.sep) + os.sep for folder, _ in unlisted)
+        gone = {  # (files in a folder we could not list this time are not gone, just unseen)
+            p: r
+            for p, r in known.items()
+            if p not in found and not p.startswith(hidden) and any(root.covers(p, r["kind"]) for root in roots)
         }
         # a new path whose content equals a vanished file's is that file moved: keep its vectors
         by_size: dict[tuple[str, int], list[dict]] = defaultdict(list)
@@ -152,7 +155,9 @@ class _Run:
                 if not (sep and line.isdigit()):
                     base = f["path"]
                 if base not in found and any(root.covers(base, k) for root in roots for k in ("image", "text")):
-                    store.delete_failure(f["path"])
+                    store.delete_failure(f["path"])  # (unlisted folders are recorded again below)
+            for folder, reason in unlisted:
+                self._fail(folder, reason)
             if removed:
                 store.bump_generation()
         self.apply({}, removed)
@@ -324,8 +329,8 @@ def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, pr
     for kind in ("image", "text"):
         idx.vectors(kind)  # load (or rebuild, after a killed run) before changing anything
     try:
-        found = discover(roots)
-        image_jobs, text_jobs = run.plan(roots, found)
+        found, unlisted = discover(roots)
+        image_jobs, text_jobs = run.plan(roots, found, unlisted)
         run.total_work = len(image_jobs) + len(text_jobs)
         run.progress(0, run.total_work)
         if image_jobs or text_jobs:

@@ -54,16 +54,18 @@ def resolve_roots(paths) -> list[Root]:
     return roots
 
 
-def discover(roots: list[Root]) -> dict[str, str]:
-    """Every input file under the roots -> its kind ('image' or 'text'), sorted by path."""
+def discover(roots: list[Root]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Every input file under the roots -> its kind ('image' or 'text'), sorted by path; and the
+    folders that could not be listed, with the reason."""
     found: dict[str, str] = {}
+    unreadable: list[tuple[str, str]] = []
     for root in roots:
         if root.is_dir:
-            for path in image_paths_under(root.path):
+            for path in image_paths_under(root.path, unreadable):
                 found[path] = "image"
         else:
             found[root.path] = "text" if is_text_path(root.path) else "image"
-    return dict(sorted(found.items()))
+    return dict(sorted(found.items())), unreadable
 
 
 @dataclass

@@ -169,25 +169,33 @@ def test_kill_mid_index_then_rerun_completes(tmp_path):
 
 
 @pytest.mark.slow
-def test_unreadable_file_is_recorded(tmp_path):
+def test_unreadable_file_and_folder_are_recorded(tmp_path):
     """Permission denied, for real: as root, the run gives up the capabilities that let root
-    read any file (util-linux `setpriv`)."""
+    read any file (util-linux `setpriv`). An unlistable folder's indexed images are kept."""
     import shutil
 
     d = tmp_path / "p"
-    make_images(d, 2)
-    (d / "img000.jpg").chmod(0)
+    make_images(d, 1, start=1)
+    make_images(d / "sub", 1, start=10)
     cmd = [sys.executable, "-m", "searchkit.cli", "index", str(d), "--model", TINY, "--json"]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    make_images(d, 1, start=0)
+    (d / "img000.jpg").chmod(0)
+    (d / "sub").chmod(0)
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("running as root without setpriv: root can read any file")
         caps = "-dac_override,-dac_read_search"
         cmd = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        (d / "sub").chmod(0o755)
     assert r.returncode == 3, r.stderr
     s = json.loads(r.stdout)
-    assert (s["added"], s["failed"]) == (1, 1)
-    assert "permission denied" in r.stderr
+    assert (s["added"], s["removed"], s["failed"], s["total"]) == (0, 0, 2, 2)
+    assert f"{d / 'img000.jpg'}: permission denied" in r.stderr
+    assert f"{d / 'sub'}: cannot list folder: permission denied" in r.stderr
 
 
 @pytest.mark.slow
