@@ -154,8 +154,7 @@ def index_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image decode threads. [default: CPU count, 2..8]"),
     json_out: bool = JsonOpt,
 ):
-    """Add files to an index, incrementally: unchanged files are skipped, changed re-encoded,
-    vanished removed, moved ones keep their vectors."""
+    """Add image folders, images and text corpora to an index, incrementally."""
     from searchkit import open_index
     from searchkit.sources import resolve_roots
 
@@ -285,6 +284,16 @@ def info_cmd(index: Optional[str] = IndexOpt, json_out: bool = JsonOpt):
     _table("", ["", ""], rows)
     if info["failures"]:
         _table("failures", ["path", "reason"], [[_rel(f["path"]), f["reason"]] for f in info["failures"]])
+
+
+def _register_command_groups() -> None:
+    from . import fusion, train_eval
+
+    train_eval.register(app)
+    fusion.register(app)
+
+
+_register_command_groups()
 
 
 def main() -> None:
