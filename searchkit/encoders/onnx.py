@@ -191,7 +191,7 @@ class Int8ImageEncoder(Encoder):
     """`SPEC+int8`: the base encoder with its image tower run as int8 ONNX on CPU."""
 
     def __init__(self, base: Encoder):
-        if not hasattr(base, "image_tower"):
+        if not hasattr(base, "image_module"):
             raise UsageError(f"{base.spec} has no exportable image tower; '+int8' is not available for it")
         self.base = base
         self.spec = f"{base.spec}+int8"
@@ -214,10 +214,10 @@ class Int8ImageEncoder(Encoder):
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             fp32 = Path(tmp) / "image.onnx"
             example = torch.zeros(2, 3, self.image_size, self.image_size)
-            _export(self.base.image_tower().cpu().eval(), example, fp32, "pixels", {0: ("batch", 1, 4096)})
-            quantize_dynamic(str(fp32), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8)
+            _export(self.base.image_module().cpu().eval(), example, fp32, "pixels", {0: ("batch", 1, 4096)})
+            quantize_dynamic(str(fp32), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True)
             os.replace(Path(tmp) / "q.onnx", path)
-        self.base.image_tower().to(self.base.device)
+        self.base.image_module().to(self.base.device)
 
     @property
     def fingerprint(self) -> str:

@@ -192,7 +192,7 @@ class OpenClipEncoder(Encoder):
             x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
         return x
 
-    def image_tower(self):
+    def image_module(self):
         """The module mapping a preprocessed NCHW batch to unnormalized embeddings."""
         return self.model.visual
 
