@@ -6,13 +6,45 @@ Parse, call `searchkit.fusion`, print. Progress lines (epochs, ablation runs) go
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .main import _print_json, _stderr, _table, handle_errors
+# `cli.main` registers this group while it is being imported, so nothing is imported from it at
+# module level here: the helpers below look it up when a command runs.
+
+
+def handle_errors(fn):
+    """`cli.main.handle_errors`, resolved at call time (one-line errors and exit codes)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .main import handle_errors as handle
+
+        return handle(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _stderr(msg: str) -> None:
+    from .main import _stderr as write
+
+    write(msg)
+
+
+def _print_json(obj) -> None:
+    from .main import _print_json as write
+
+    write(obj)
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from .main import _table as draw
+
+    draw(title, columns, rows)
 
 fusion_app = typer.Typer(
     help="Supervised image+text classification on frozen encoder features: train, eval, predict, ablate.",

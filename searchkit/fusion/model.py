@@ -110,7 +110,7 @@ class FusionModel:
         import torch
 
         self.net.to(device).eval()
-        tables = feature_tensors(feats)
+        tables = self.net.prepare(feature_tensors(feats))
         out = []
         with torch.inference_mode():
             for start in range(0, len(feats), batch_size):
@@ -262,7 +262,7 @@ def make_batch(
     }
     if spec.method == "attention":
         batch["image_tokens"] = _gather(
-            tables.get("image_tokens"), ii, image_ok, (spec.n_image_tokens, spec.image_token_dim), torch.float16
+            tables.get("image_tokens"), ii, image_ok, (spec.n_image_tokens, spec.image_token_in), torch.float16
         )
         mask_table = tables.get("text_mask")
         length = 1
@@ -270,7 +270,7 @@ def make_batch(
             length = max(1, int(mask_table[ti[text_ok]].sum(1).max().item()))
         tt = tables.get("text_tokens")
         batch["text_tokens"] = _gather(
-            tt[:, :length] if tt is not None else None, ti, text_ok, (length, spec.text_token_dim), torch.float16
+            tt[:, :length] if tt is not None else None, ti, text_ok, (length, spec.text_token_in), torch.float16
         )
         batch["text_mask"] = _gather(
             mask_table[:, :length] if mask_table is not None else None, ti, text_ok, (length,), torch.bool

@@ -42,6 +42,8 @@ class NetSpec:
     dim: int
     hidden: int = 256
     dropout: float = 0.2
+    #: dropout on the standardized pooled inputs (feature noise; see FusionNet)
+    input_dropout: float = 0.0
     interactions: bool = True
     image_token_dim: int = 0
     text_token_dim: int = 0
@@ -50,9 +52,23 @@ class NetSpec:
     attn_dim: int = 128
     attn_heads: int = 4
     attn_layers: int = 1
+    #: token features wider than this are first reduced to it by a fixed PCA (0: never)
+    token_reduce: int = 256
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def reduced(self, width: int) -> int:
+        """The width a token feature of `width` has after the fixed PCA reduction."""
+        return min(width, self.token_reduce) if self.token_reduce else width
+
+    @property
+    def image_token_in(self) -> int:
+        return self.reduced(self.image_token_dim)
+
+    @property
+    def text_token_in(self) -> int:
+        return self.reduced(self.text_token_dim)
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
@@ -80,7 +96,9 @@ class FusionNet(nn.Module):
     Pooled embeddings are standardized per dimension with statistics of the training rows
     (fixed buffers, saved with the weights): this removes each modality's constant offset (the
     "modality gap" of CLIP-style spaces, or the common direction of an untrained tower), so
-    products and differences compare what varies between inputs.
+    products and differences compare what varies between inputs. `input_dropout` then drops
+    standardized dimensions while training: noise on the similarity the head reads, which keeps
+    it from trusting the over-tight agreement an encoder shows on pairs it was trained on.
     """
 
     def __init__(self, spec: NetSpec):
@@ -91,6 +109,11 @@ class FusionNet(nn.Module):
             self.register_buffer(f"{side}_std", torch.full((spec.dim,), 1.0 / math.sqrt(spec.dim)))
         self.image_missing = nn.Parameter(torch.randn(spec.dim) * 0.02)
         self.text_missing = nn.Parameter(torch.randn(spec.dim) * 0.02)
+        self.input_drop = nn.Dropout(spec.input_dropout)
+
+    def prepare(self, tables: dict) -> dict:
+        """Fixed transforms of whole feature tables, applied once before batching (none here)."""
+        return tables
 
     @torch.no_grad()
     def set_stats(self, image: torch.Tensor | None, text: torch.Tensor | None) -> None:
@@ -112,8 +135,8 @@ class FusionNet(nn.Module):
     def pooled(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(u_image, u_text, image_ok, text_ok): standardized embeddings, placeholders where missing."""
         image_ok, text_ok = self.present(batch)
-        x_i = (batch["image"] - self.image_mean) / self.image_std
-        x_t = (batch["text"] - self.text_mean) / self.text_std
+        x_i = self.input_drop((batch["image"] - self.image_mean) / self.image_std)
+        x_t = self.input_drop((batch["text"] - self.text_mean) / self.text_std)
         u_i = torch.where(image_ok[:, None], x_i, self.image_missing.expand_as(x_i))
         u_t = torch.where(text_ok[:, None], x_t, self.text_missing.expand_as(x_t))
         return u_i, u_t, image_ok, text_ok
@@ -179,9 +202,13 @@ class AttentionFusion(FusionNet):
         if not (spec.image_token_dim and spec.text_token_dim and spec.n_image_tokens and spec.max_text_tokens):
             raise ValueError("attention fusion needs token dimensions in its spec")
         d = spec.attn_dim
+        for side, width in (("image", spec.image_token_dim), ("text", spec.text_token_dim)):
+            if spec.reduced(width) < width:  # fixed PCA, fitted by `fit_reduction`
+                self.register_buffer(f"{side}_pca_mean", torch.zeros(width))
+                self.register_buffer(f"{side}_pca", torch.zeros(width, spec.reduced(width)))
         self.global_in = nn.Linear(spec.dim, d)  # one projection for both pooled embeddings
-        self.image_in = nn.Sequential(nn.Linear(spec.image_token_dim, d), nn.LayerNorm(d))
-        self.text_in = nn.Sequential(nn.Linear(spec.text_token_dim, d), nn.LayerNorm(d))
+        self.image_in = nn.Sequential(nn.Linear(spec.image_token_in, d), nn.LayerNorm(d))
+        self.text_in = nn.Sequential(nn.Linear(spec.text_token_in, d), nn.LayerNorm(d))
         self.image_pos = nn.Parameter(torch.randn(1, 1 + spec.n_image_tokens, d) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(1, 1 + spec.max_text_tokens, d) * 0.02)
         self.image_missing_token = nn.Parameter(torch.randn(d) * 0.02)
@@ -192,6 +219,37 @@ class AttentionFusion(FusionNet):
         self.out_norm_i, self.out_norm_t = nn.LayerNorm(d), nn.LayerNorm(d)
         width = d * (4 if spec.interactions else 2)
         self.head = _mlp(width, spec.hidden, spec.n_classes, spec.dropout)
+
+    @torch.no_grad()
+    def fit_reduction(self, image_tokens: torch.Tensor | None, text_tokens: torch.Tensor | None) -> None:
+        """Fit the fixed PCA of each side from sample token vectors ((n, width) each)."""
+        for side, x in (("image", image_tokens), ("text", text_tokens)):
+            if not hasattr(self, f"{side}_pca") or x is None or len(x) < 2:
+                continue
+            x = x.float()
+            mean = x.mean(0)
+            k = getattr(self, f"{side}_pca").shape[1]
+            _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+            basis = torch.zeros_like(getattr(self, f"{side}_pca"))
+            basis[:, : min(k, len(v))] = v[:k].T
+            getattr(self, f"{side}_pca_mean").copy_(mean)
+            getattr(self, f"{side}_pca").copy_(basis)
+
+    @torch.no_grad()
+    def prepare(self, tables: dict) -> dict:
+        """Token tables reduced by the fixed PCA once, so batches carry the narrow tokens."""
+        out = dict(tables)
+        for side in ("image", "text"):
+            key = f"{side}_tokens"
+            if hasattr(self, f"{side}_pca") and out.get(key) is not None and out[key].shape[-1] != self.spec.reduced(
+                out[key].shape[-1]
+            ):
+                mean, basis = getattr(self, f"{side}_pca_mean").cpu(), getattr(self, f"{side}_pca").cpu()
+                parts = [
+                    ((chunk.float() - mean) @ basis).to(torch.float16) for chunk in torch.split(out[key], 1024)
+                ]
+                out[key] = torch.cat(parts) if parts else out[key][..., : basis.shape[1]]
+        return out
 
     def _sequence(self, pooled, tokens, mask, ok, proj, pos, missing):
         """[global token, tokens...] + positions; a missing side is its placeholder token alone."""

@@ -50,6 +50,8 @@ class FusionConfig:
     weight_decay: float = 0.01
     hidden: int = 256
     dropout: float = 0.2
+    #: dropout on the standardized pooled features (feature noise)
+    input_dropout: float = 0.0
     #: chance that training hides one present side of a row (modality "both" only)
     modality_dropout: float = 0.15
     #: product and difference features of the two sides (False: plain concatenation)
@@ -164,6 +166,7 @@ def fit_model(
         dim=encoder.dim,
         hidden=config.hidden,
         dropout=config.dropout,
+        input_dropout=config.input_dropout,
         interactions=config.interactions,
         attn_dim=config.attn_dim,
         attn_heads=config.attn_heads,
@@ -183,6 +186,8 @@ def fit_model(
         torch.manual_seed(config.seed)
         net = build_net(spec)
         net.set_stats(*_train_stats(feats, train_idx))
+        if spec.method == "attention":
+            net.fit_reduction(*_token_sample(feats, train_idx, np.random.default_rng(config.seed)))
         result = _fit(net, spec, feats, y, train_idx, val_idx, config, device, on_epoch)
     net.load_state_dict(result.state)
     best = result.history[result.best_epoch - 1] if result.history else None
@@ -237,6 +242,27 @@ def _train_stats(feats: Features, train_idx: np.ndarray):
     return out
 
 
+def _token_sample(feats: Features, train_idx: np.ndarray, rng, limit: int = 20000):
+    """Up to `limit` image and text token vectors of the training rows, for the fixed PCA."""
+    import torch
+
+    out = []
+    for table, index, mask in (
+        (feats.image_tokens, feats.image_index, None),
+        (feats.text_tokens, feats.text_index, feats.text_mask),
+    ):
+        used = np.unique(index[train_idx])
+        used = used[used >= 0]
+        if not len(used):
+            out.append(None)
+            continue
+        vectors = table[used][mask[used]] if mask is not None else table[used].reshape(-1, table.shape[-1])
+        if len(vectors) > limit:
+            vectors = vectors[np.sort(rng.choice(len(vectors), limit, replace=False))]
+        out.append(torch.from_numpy(np.asarray(vectors, dtype=np.float32)))
+    return out
+
+
 def _check_sides(feats: Features, modality: str) -> None:
     has_image, has_text = bool((feats.image_index >= 0).any()), bool((feats.text_index >= 0).any())
     if modality in ("both", "image") and not has_image:
@@ -249,7 +275,7 @@ def _fit(net, spec, feats, y, train_idx, val_idx, config: FusionConfig, device, 
     import torch
     import torch.nn.functional as F
 
-    tables = feature_tensors(feats)
+    tables = net.prepare(feature_tensors(feats))
     net.to(device)
     y_t = torch.from_numpy(y)
     rng = np.random.default_rng(config.seed)
