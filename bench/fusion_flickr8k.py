@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "build" / "fusion-flickr8k", help="folder for CSVs and the ablation table")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--methods", default="concat,gated,attention")
+    p.add_argument("--input-dropout", type=float, default=0.4, help="dropout on the pooled features (library default)")
     p.add_argument("--limit", type=int, default=None, help="use only this many images of each split")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder,
         eval_rows=read_rows(dev_csv, images_dir=images),
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-        config=FusionConfig(epochs=args.epochs, seed=args.seed),
+        config=FusionConfig(epochs=args.epochs, seed=args.seed, input_dropout=args.input_dropout),
         out=args.out,
         on_run=lambda r: print(f"{r.name}: {r.accuracy:.1f}% ({r.train_seconds:.0f}s)", file=sys.stderr),
     )
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_rows": n_train,
         "dev_rows": n_dev,
         "epochs": args.epochs,
+        "input_dropout": args.input_dropout,
         "runs": {
             r.name: {
                 "accuracy": r.accuracy,

@@ -136,6 +136,8 @@ def train_cmd(
     hidden: int = typer.Option(256, "--hidden", min=2, help="Hidden width of the fusion MLP."),
     dropout: float = typer.Option(0.2, "--dropout", min=0.0, max=0.9, help="Dropout in the fusion net."),
     modality_dropout: float = typer.Option(0.15, "--modality-dropout", min=0.0, max=0.49, help="Chance a training row loses its image (and, separately, its text)."),
+    input_dropout: float = typer.Option(0.4, "--input-dropout", min=0.0, max=0.9, help="Dropout on the standardized pooled features (lower it for encoders with few dimensions)."),
+    attn_dim: int = typer.Option(64, "--attn-dim", min=8, help="Width of the attention method's token space."),
     interactions: bool = typer.Option(True, "--interactions/--no-interactions", help="Product and difference features of the two sides."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     cache_dir: Optional[Path] = CacheOpt,
@@ -151,7 +153,8 @@ def train_cmd(
     columns = _columns(image_col, text_col, label_col)
     config = _config(
         method=method.value, modality=modality.value, epochs=epochs, val_split=val_split, batch_size=batch_size,
-        lr=lr, hidden=hidden, dropout=dropout, modality_dropout=modality_dropout, interactions=interactions, seed=seed,
+        lr=lr, hidden=hidden, dropout=dropout, modality_dropout=modality_dropout, input_dropout=input_dropout,
+        attn_dim=attn_dim, interactions=interactions, seed=seed,
     )
     config.check()
     rows = read_rows(
@@ -290,6 +293,7 @@ def ablate_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for ablation.md and ablation.json."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="Training epochs per run."),
     val_split: float = typer.Option(0.1, "--val-split", min=0.0, max=0.9, help="Share of training rows used to pick each run's best epoch."),
+    input_dropout: float = typer.Option(0.4, "--input-dropout", min=0.0, max=0.9, help="Dropout on the standardized pooled features."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     save_models: bool = typer.Option(False, "--save-models", help="Also write every run's model under OUT/<run>/."),
     cache_dir: Optional[Path] = CacheOpt,
@@ -301,7 +305,7 @@ def ablate_cmd(
 
     _check_out_dir(out)
     columns = _columns(image_col, text_col, label_col)
-    config = _config(epochs=epochs, val_split=val_split, seed=seed)
+    config = _config(epochs=epochs, val_split=val_split, input_dropout=input_dropout, seed=seed)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     modality_list = [m.strip() for m in modalities.split(",") if m.strip()]
     from searchkit.fusion.ablation import plan_runs

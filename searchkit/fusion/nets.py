@@ -43,13 +43,13 @@ class NetSpec:
     hidden: int = 256
     dropout: float = 0.2
     #: dropout on the standardized pooled inputs (feature noise; see FusionNet)
-    input_dropout: float = 0.0
+    input_dropout: float = 0.4
     interactions: bool = True
     image_token_dim: int = 0
     text_token_dim: int = 0
     n_image_tokens: int = 0
     max_text_tokens: int = 0
-    attn_dim: int = 128
+    attn_dim: int = 64
     attn_heads: int = 4
     attn_layers: int = 1
     #: token features wider than this are first reduced to it by a fixed PCA (0: never)
@@ -226,12 +226,12 @@ class AttentionFusion(FusionNet):
         for side, x in (("image", image_tokens), ("text", text_tokens)):
             if not hasattr(self, f"{side}_pca") or x is None or len(x) < 2:
                 continue
-            x = x.float()
+            x = x.double()
             mean = x.mean(0)
             k = getattr(self, f"{side}_pca").shape[1]
-            _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
-            basis = torch.zeros_like(getattr(self, f"{side}_pca"))
-            basis[:, : min(k, len(v))] = v[:k].T
+            centred = x - mean
+            _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+            basis = vectors.flip(1)[:, :k].float()
             getattr(self, f"{side}_pca_mean").copy_(mean)
             getattr(self, f"{side}_pca").copy_(basis)
 

@@ -50,13 +50,14 @@ class FusionConfig:
     weight_decay: float = 0.01
     hidden: int = 256
     dropout: float = 0.2
-    #: dropout on the standardized pooled features (feature noise)
-    input_dropout: float = 0.0
+    #: dropout on the standardized pooled features: noise on the agreement the head reads, so
+    #: it does not trust the over-tight agreement a frozen encoder shows on its own training data
+    input_dropout: float = 0.4
     #: chance that training hides one present side of a row (modality "both" only)
     modality_dropout: float = 0.15
     #: product and difference features of the two sides (False: plain concatenation)
     interactions: bool = True
-    attn_dim: int = 128
+    attn_dim: int = 64
     attn_heads: int = 4
     attn_layers: int = 1
     #: share of rows held out (stratified) to choose the epoch; 0 keeps the last epoch
