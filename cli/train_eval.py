@@ -1,4 +1,8 @@
-"""`searchkit train` and `searchkit eval {retrieval,zeroshot}`: parse, call the library, print."""
+"""`searchkit train` and `searchkit eval {retrieval,zeroshot}`: parse, call the library, print.
+
+Nothing from `.main` is imported at module level: `main` imports this module while it is still
+loading, so the helpers are imported inside the commands and `register`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-
-from .main import EXIT_PARTIAL, _print_json, _stderr, _table, handle_errors
 
 ModelOpt = typer.Option("auto", "--model", "-m", help="Model spec: auto, mini, open_clip:ARCH@TAG, or a checkpoint folder.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (JSON) on stdout.")
@@ -32,24 +34,24 @@ def train_cmd(
     val_split: Optional[Path] = typer.Option(None, "--val-split", help="File of validation image names, one a line."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Random share of images for validation. [default: 0.1 without --val-split]"),
     train_split: Optional[Path] = typer.Option(None, "--train-split", help="File of training image names. [default: all non-validation images]"),
-    image_tower: str = typer.Option("efficientnet_lite0", "--image-tower", help="efficientnet_lite0|1|2 (pip-shipped) or open_clip:ARCH@TAG."),
+    image_tower: str = typer.Option("efficientnet_lite0+conse", "--image-tower", help="efficientnet_lite0|1|2, optionally +conse (pip-shipped), or open_clip:ARCH@TAG."),
     text_tower: str = typer.Option("all-MiniLM-L6-v2", "--text-tower", help="all-MiniLM-L6-v2 (pip-shipped) or open_clip:ARCH@TAG."),
     dim: int = typer.Option(256, "--dim", min=2, help="Shared embedding dimension."),
     hidden: int = typer.Option(0, "--hidden", min=0, help="Hidden width of a residual MLP in each head (0: linear heads)."),
-    dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=0.9, help="Dropout on head inputs (and hidden layer)."),
+    dropout: float = typer.Option(0.5, "--dropout", min=0.0, max=0.9, help="Dropout on head inputs (and hidden layer)."),
     epochs: int = typer.Option(40, "--epochs", min=1, help="Most epochs (each visits every training caption once)."),
     batch_size: int = typer.Option(256, "--batch-size", min=2, help="Pairs per batch (distinct images)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (one-cycle schedule)."),
-    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay."),
+    lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (one-cycle schedule)."),
+    weight_decay: float = typer.Option(0.2, "--weight-decay", help="AdamW weight decay."),
     patience: int = typer.Option(6, "--patience", min=1, help="Stop after this many epochs without a better validation mean recall."),
     temperature: float = typer.Option(0.07, "--temperature", help="Initial softmax temperature (learned)."),
-    class_prompts: bool = typer.Option(False, "--class-prompts/--no-class-prompts", help="Add synthetic ImageNet class-prompt pairs (EfficientNet towers)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (splits, batches, init)."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device. [default: cuda when present, else cpu]"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Tower feature cache. [default: $SEARCHKIT_CACHE/features or ~/.cache/searchkit/features]"),
     json_out: bool = JsonOpt,
 ):
     """Train projection heads on frozen towers (CLIP-style) and write a checkpoint folder."""
+    from .main import _print_json, _stderr, _table
     from searchkit.train import TrainConfig, train
 
     config = TrainConfig(
@@ -64,7 +66,6 @@ def train_cmd(
         weight_decay=weight_decay,
         patience=patience,
         init_temperature=temperature,
-        class_prompts=class_prompts,
         seed=seed,
     )
     result = train(
@@ -98,11 +99,6 @@ def train_cmd(
         _stderr(f"training curves: {result.plot}")
 
 
-eval_app = typer.Typer(help="Evaluate a model: retrieval recall, zero-shot accuracy.", no_args_is_help=True)
-
-
-@eval_app.command("retrieval")
-@handle_errors
 def eval_retrieval_cmd(
     captions: Path = typer.Option(..., "--captions", help="CSV with columns image,caption."),
     images: Path = typer.Option(..., "--images", help="Folder the CSV's image names are relative to."),
@@ -111,10 +107,10 @@ def eval_retrieval_cmd(
     json_out: bool = JsonOpt,
 ):
     """Recall@1/5/10 text→image and image→text on an image–caption split."""
-    from searchkit import get_encoder
+    from .main import _print_json, _table
     from searchkit.evaluate import evaluate_retrieval
 
-    report = evaluate_retrieval(get_encoder(model), captions, images, split=split)
+    report = evaluate_retrieval(model, captions, images, split=split)
     if json_out:
         _print_json(report)
         return
@@ -126,8 +122,6 @@ def eval_retrieval_cmd(
     )
 
 
-@eval_app.command("zeroshot")
-@handle_errors
 def eval_zeroshot_cmd(
     folder: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (folder name = label)."),
     model: str = ModelOpt,
@@ -139,12 +133,12 @@ def eval_zeroshot_cmd(
     json_out: bool = JsonOpt,
 ):
     """Zero-shot top-1 / top-5 accuracy, per-class accuracy and a confusion-matrix PNG."""
-    from searchkit import get_encoder
+    from .main import EXIT_PARTIAL, _print_json, _stderr, _table
     from searchkit.evaluate import evaluate_zeroshot
 
     if plot is None and not no_plot:
         plot = Path(f"zeroshot-{folder.resolve().name}.png")
-    report = evaluate_zeroshot(get_encoder(model), folder, templates=template, plot=None if no_plot else plot)
+    report = evaluate_zeroshot(model, folder, templates=template, plot=None if no_plot else plot)
     if json_out:
         _print_json(report.to_dict())
     else:
@@ -166,5 +160,10 @@ def eval_zeroshot_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add `train` and the `eval` group to the main app."""
+    from .main import handle_errors
+
     app.command("train")(handle_errors(train_cmd))
+    eval_app = typer.Typer(help="Evaluate a model: retrieval recall, zero-shot accuracy.", no_args_is_help=True)
+    eval_app.command("retrieval")(handle_errors(eval_retrieval_cmd))
+    eval_app.command("zeroshot")(handle_errors(eval_zeroshot_cmd))
     app.add_typer(eval_app, name="eval")

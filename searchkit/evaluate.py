@@ -91,9 +91,9 @@ def evaluate_retrieval(
     split: str | os.PathLike | None = None,
     ks: Sequence[int] = DEFAULT_KS,
 ) -> dict:
-    """Embed the split's images and captions with `encoder` and score retrieval.
+    """Embed the split's images and captions with `encoder` (an Encoder or a spec) and score.
 
-    `split` is a file with one image name per line (default: every image of the CSV).
+    The data is read and checked before a spec is resolved to a model. `split` is a file with one image name per line (default: every image of the CSV).
     Returns {"model", "images", "captions", "metrics": retrieval_recall(...)}.
     """
     from .train.data import read_list, read_pairs
@@ -106,6 +106,7 @@ def evaluate_retrieval(
         if len(images) == 0:
             raise InputError(f"no image of {split} has captions in {captions_csv}")
     caps = pairs.captions_of(images)
+    encoder = _as_encoder(encoder)
     image_emb = encoder.encode_images([pairs.paths[i] for i in images])
     text_emb = encoder.encode_texts([pairs.captions[c] for c in caps])
     caption_image = np.searchsorted(images, pairs.caption_image[caps])
@@ -167,10 +168,14 @@ def evaluate_zeroshot(
     templates: Sequence[str] | None = None,
     plot: str | os.PathLike | None = None,
 ) -> ZeroShotReport:
-    """Zero-shot accuracy on a folder of class sub-folders; writes a confusion PNG if `plot`."""
+    """Zero-shot accuracy on a folder of class sub-folders; writes a confusion PNG if `plot`.
+
+    `encoder` is an Encoder or a spec, resolved after the folder has been checked.
+    """
     from .index import classify_images
 
     classes = class_folders(root)
+    encoder = _as_encoder(encoder)
     labels = [label for label, _ in classes]
     truth = {p: i for i, (_, paths) in enumerate(classes) for p in paths}
     results = classify_images(encoder, list(truth), labels, templates)
@@ -204,6 +209,14 @@ def evaluate_zeroshot(
     if plot is not None:
         report.plot = str(plot_confusion(confusion, labels, plot, title=f"{Path(root).name}: {encoder.spec}"))
     return report
+
+
+def _as_encoder(encoder):
+    if isinstance(encoder, str):
+        from .encoders import get_encoder
+
+        return get_encoder(encoder)
+    return encoder
 
 
 def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:

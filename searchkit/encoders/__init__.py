@@ -62,6 +62,7 @@ def _ensure_builtin() -> None:
         from .openclip import load_open_clip
 
         register_family("open_clip", load_open_clip)
+        from . import mini  # noqa: F401  (registers "mini" and checkpoint paths; appends "mini" to auto)
 
 
 def resolve_auto(device: str | None = None) -> tuple[Encoder, str]:

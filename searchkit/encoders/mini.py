@@ -121,6 +121,9 @@ def save_checkpoint(folder: str | os.PathLike, heads: Any, config: dict) -> Path
     tmp = folder / (WEIGHTS_FILE + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
     save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only
     os.replace(tmp, folder / WEIGHTS_FILE)
     tmp = folder / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

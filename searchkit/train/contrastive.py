@@ -32,19 +32,17 @@ LOG = logging.getLogger(__name__)
 class TrainConfig:
     """Everything that shapes a training run (saved into the checkpoint's config.json)."""
 
-    image_tower: str = "efficientnet_lite0"
+    image_tower: str = "efficientnet_lite0+conse"
     text_tower: str = MINILM
     dim: int = 256
     hidden: int = 0  # hidden width of the residual MLP in each head; 0 = linear heads
-    dropout: float = 0.1
+    dropout: float = 0.5
     epochs: int = 40
     batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
+    lr: float = 5e-4
+    weight_decay: float = 0.2
     patience: int = 6
     init_temperature: float = 0.07
-    #: extra pairs from the ImageNet classifier: (class weight row, "a photo of a {name}.")
-    class_prompts: bool = False
     seed: int = 0
 
 
@@ -83,7 +81,8 @@ def distinct_image_batches(
 
     Captions are dealt in rounds: each round takes one not-yet-used caption of every image that
     has one left, in a fresh random image order, and is cut into batches; a batch never spans
-    two rounds, so it holds distinct images. Every caption is used exactly once per epoch.
+    two rounds, so it holds distinct images. Every caption is used once per epoch (bar a round's
+    lone leftover caption, which would make a batch of one).
     """
     by_image: dict[int, list[int]] = {}
     for c in rng.permutation(len(caption_image)):
@@ -127,7 +126,6 @@ def fit_heads(
     val: tuple[np.ndarray, np.ndarray, np.ndarray],
     config: TrainConfig,
     *,
-    extra_pairs: tuple[np.ndarray, np.ndarray] | None = None,
     device: str = "cpu",
     progress: bool = False,
     on_best: Callable[[object, int, dict], None] | None = None,
@@ -157,12 +155,11 @@ def fit_heads(
     heads = heads.to(device)
     img_t, txt_t = img_t.to(device), txt_t.to(device)
     cap_img = torch.from_numpy(caption_image).to(device)
-    extra = tuple(torch.from_numpy(a).to(device) for a in extra_pairs) if extra_pairs else None
     val_img, val_txt = torch.from_numpy(val[0]), torch.from_numpy(val[1])
 
     opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    plan = [distinct_image_batches(caption_image, config.batch_size, rng) for _ in range(1)]
-    total_steps = config.epochs * len(plan[0])
+    first = distinct_image_batches(caption_image, config.batch_size, rng)
+    total_steps = config.epochs * len(first)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=config.lr, total_steps=max(total_steps, 1), pct_start=0.1, anneal_strategy="cos"
     )
@@ -173,17 +170,11 @@ def fit_heads(
     for epoch in bar:
         t0 = time.perf_counter()
         heads.train()
-        batches = plan.pop() if plan else distinct_image_batches(caption_image, config.batch_size, rng)
+        batches = first if epoch == 1 else distinct_image_batches(caption_image, config.batch_size, rng)
         losses = []
         for b in batches:
             b = torch.from_numpy(b).to(device)
-            img_in, txt_in = img_t[cap_img[b]], txt_t[b]
-            if extra is not None:
-                # a few class-prompt pairs ride along in every batch
-                pick = torch.randint(len(extra[0]), (max(1, len(b) // 8),), device=device)
-                img_in = torch.cat([img_in, extra[0][pick]])
-                txt_in = torch.cat([txt_in, extra[1][pick]])
-            loss = symmetric_infonce(heads.image(img_in), heads.text(txt_in), heads.scale())
+            loss = symmetric_infonce(heads.image(img_t[cap_img[b]]), heads.text(txt_t[b]), heads.scale())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -213,29 +204,6 @@ def fit_heads(
     bar.close()
     heads.load_state_dict(best_state)
     return heads.eval(), best_epoch, best, history, step_losses
-
-
-def class_prompt_pairs(image_tower, text_tower, train_feats: np.ndarray, *, strength: float = 3.0,
-                       cache_dir=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic pairs that carry the ImageNet classifier's knowledge into the shared space.
-
-    For class c with classifier row w, the stand-in image feature is the training mean moved
-    `strength` standard deviations along S w (S: the features' covariance), the direction in
-    which a Gaussian model of the features raises class c's logit fastest; its caption is
-    "a photo of a {class name}.".
-    """
-    if not hasattr(image_tower, "class_prototypes"):
-        raise UsageError(f"class prompts need an ImageNet-classifier tower (not {image_tower.spec})")
-    weights, names = image_tower.class_prototypes()
-    w = weights.numpy().astype(np.float64)
-    x = train_feats.astype(np.float64)
-    mu = x.mean(0)
-    cov = np.cov(x, rowvar=False)
-    shift = w @ cov  # (classes, dim): S w for each class (S is symmetric)
-    sd = np.sqrt(np.einsum("cd,cd->c", shift, w)).clip(1e-12)  # std of each logit
-    feats = (mu + strength * shift / sd[:, None]).astype(np.float32)
-    texts = [f"a photo of a {n}." for n in names]
-    return feats, text_features(text_tower, texts, cache_dir=cache_dir, progress=progress)
 
 
 def train(
@@ -271,11 +239,6 @@ def train(
     txt_feats = text_features(text_tower, pairs.captions, cache_dir=cache_dir, progress=progress)
     train_img, val_img = train_img[ok[train_img]], val_img[ok[val_img]]
 
-    extra = (
-        class_prompt_pairs(image_tower, text_tower, img_feats[train_img], cache_dir=cache_dir, progress=progress)
-        if config.class_prompts
-        else None
-    )
     tr_caps, tr_map = _select(pairs, train_img)
     va_caps, va_map = _select(pairs, val_img)
     LOG.info(
@@ -305,7 +268,6 @@ def train(
         tr_map,
         (img_feats[val_img], txt_feats[va_caps], va_map),
         config,
-        extra_pairs=extra,
         device=device,
         progress=progress,
         on_best=write,

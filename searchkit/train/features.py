@@ -71,18 +71,22 @@ def image_features(
     workers: int = 2,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features (n, tower.dim) float32, ok (n,) bool) for image files; unreadable rows are zero."""
+    """(features (n, tower.dim) float32, ok (n,) bool) for image files; unreadable rows are zero.
+
+    The tower's raw output is what is cached (under its `cache_spec`); `tower.derive` is applied
+    on the way out.
+    """
     import torch
 
     from ..images import load_image
 
     paths = [os.path.abspath(p) for p in paths]
     payload = [(p, *_stat(p)) for p in paths]
-    entry = _entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), tower.spec, "image", payload)
+    entry = _entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), tower.cache_spec, "image", payload)
     cached = _load(entry) if entry.exists() else None
     if cached is not None and len(cached[0]) == len(paths):
         LOG.info("image features of %d files from cache %s", len(paths), entry)
-        return cached
+        return _derive(tower, cached[0]), cached[1]
 
     def prepare(path: str):
         try:
@@ -91,20 +95,32 @@ def image_features(
             LOG.warning("skipping unreadable image %s: %s", path, e)
             return None
 
-    feats = np.zeros((len(paths), tower.dim), dtype=np.float32)
+    feats: np.ndarray | None = None
     ok = np.zeros(len(paths), dtype=bool)
-    with ThreadPoolExecutor(max(1, workers)) as pool, _bar(len(paths), f"{tower.spec} images", progress) as bar:
+    with ThreadPoolExecutor(max(1, workers)) as pool, _bar(len(paths), f"{tower.cache_spec} images", progress) as bar:
         for start in range(0, len(paths), batch_size):
             tensors = list(pool.map(prepare, paths[start : start + batch_size]))
             rows = [i for i, t in enumerate(tensors) if t is not None]
             if rows:
-                out = tower.features(torch.stack([tensors[i] for i in rows]))
+                out = tower.raw_features(torch.stack([tensors[i] for i in rows])).cpu().numpy()
+                if feats is None:
+                    feats = np.zeros((len(paths), out.shape[1]), dtype=np.float32)
                 idx = np.asarray(rows) + start
-                feats[idx] = out.cpu().numpy()
+                feats[idx] = out
                 ok[idx] = True
             bar.update(len(tensors))
+    if feats is None:
+        feats = np.zeros((len(paths), tower.dim), dtype=np.float32)
+        return feats, ok  # nothing readable: not worth caching
     _save(entry, feats, ok)
-    return feats, ok
+    return _derive(tower, feats), ok
+
+
+def _derive(tower: ImageTower, raw: np.ndarray) -> np.ndarray:
+    import torch
+
+    out = [tower.derive(torch.from_numpy(raw[i : i + 4096])).cpu().numpy() for i in range(0, len(raw), 4096)]
+    return np.concatenate(out).astype(np.float32) if out else raw
 
 
 def text_features(

