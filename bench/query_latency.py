@@ -44,6 +44,7 @@ def build_bundle(path: Path, spec: str, n: int) -> None:
                 )
             idx.store.bump_generation()
         idx.save()
+        idx._ensure_text_query_model()  # what `searchkit index` does at the end of a run
 
 
 def pct(xs, q):
