@@ -234,15 +234,16 @@ def test_mini_loads_offline_and_embeds():
     assert np.allclose(np.linalg.norm(np.vstack([txt, img]), axis=1), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 @needs_towers
 @pytest.mark.skipif(not (SHARED_DATA / "flickr8k").is_dir(), reason="../shared/data/flickr8k is not present")
 def test_mini_retrieves_flickr8k_dev_captions(tmp_path):
-    """On 100 dev images (500 captions) mini finds most captions' image in the top 10."""
-    names = (SHARED_DATA / "flickr8k" / "splits" / "dev.txt").read_text().split()[:100]
+    """On 50 dev images (250 captions) mini finds most captions' image in the top 10."""
+    names = (SHARED_DATA / "flickr8k" / "splits" / "dev.txt").read_text().split()[:50]
     (tmp_path / "dev100.txt").write_text("\n".join(names))
     report = evaluate_retrieval(
         get_encoder("mini", device="cpu"), SHARED_DATA / "flickr8k" / "captions.csv",
         SHARED_DATA / "flickr8k" / "images", split=tmp_path / "dev100.txt",
     )
-    assert report["images"] == 100 and report["captions"] == 500
-    assert report["metrics"]["t2i_R@10"] > 60
+    assert report["images"] == 50 and report["captions"] == 250
+    assert report["metrics"]["t2i_R@10"] > 70
