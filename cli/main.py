@@ -34,6 +34,21 @@ class Kind(str, Enum):
     text = "text"
 
 
+class VectorKind(str, Enum):
+    auto = "auto"
+    flat = "flat"
+    hnsw = "hnsw"
+    ivf_pq = "ivf-pq"
+
+
+VectorIndexOpt = typer.Option(
+    None,
+    "--vector-index",
+    help="Vector index: auto (exact up to 1M vectors, then HNSW or IVF-PQ as memory allows), flat (exact), hnsw, ivf-pq. [default: the bundle's, else auto]",
+)
+MaxMemoryOpt = typer.Option(
+    None, "--max-memory", help="Memory budget of the vector indexes, e.g. 512M or 4G. [default: the bundle's, else half of RAM]"
+)
 IndexOpt = typer.Option(
     None, "--index", "-i", help="Index name (under $SEARCHKIT_HOME, default ./indexes) or bundle folder. [default: default]"
 )
@@ -152,14 +167,21 @@ def index_cmd(
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of .csv/.tsv/.jsonl corpora. [default: text, else caption]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model call. [default: the model's]"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image decode threads. [default: CPU count, 2..8]"),
+    vector_index: Optional[VectorKind] = VectorIndexOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
     json_out: bool = JsonOpt,
 ):
     """Add image folders, images and text corpora to an index, incrementally."""
     from searchkit import open_index
+    from searchkit.filters import parse_size
     from searchkit.sources import resolve_roots
 
     resolve_roots(paths)  # refuse bad paths before creating anything
+    if max_memory is not None:
+        parse_size(max_memory, what="memory budget")
     with open_index(index, create=True, model=model) as idx, _progress_bar(not json_out) as bar:
+        if vector_index is not None or max_memory is not None:
+            idx.configure_vectors(vector_index.value if vector_index else None, max_memory)
         summary = idx.add(paths, text_column=text_column, batch_size=batch_size, workers=workers, progress=bar)
     if json_out:
         _print_json(summary.to_dict())
@@ -185,17 +207,28 @@ def query_cmd(
     image: Optional[Path] = typer.Option(None, "--image", help="Query by this image instead of text."),
     k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results."),
     kind: Kind = typer.Option(Kind.image, "--kind", help="What to return: images or text items."),
+    where_path: Optional[str] = typer.Option(
+        None, "--where-path", help="Only items under this folder/file prefix, or matching this glob (e.g. '*.png', '~/Pictures/2023/*')."
+    ),
+    min_size: Optional[str] = typer.Option(None, "--min-size", help="Only files of at least this size (bytes, or 500K, 2M...)."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Only files of at most this size."),
+    after: Optional[str] = typer.Option(None, "--after", help="Only files modified at or after DATE (ISO, e.g. 2024-05-01, local time)."),
+    before: Optional[str] = typer.Option(None, "--before", help="Only files modified before DATE."),
     index: Optional[str] = IndexOpt,
     json_out: bool = JsonOpt,
 ):
     """Nearest images (or text items with --kind text) to a text or an image."""
     from searchkit import open_index
     from searchkit.errors import UsageError
+    from searchkit.filters import Filter
 
     if (text is None) == (image is None):
         raise UsageError("give either query TEXT or --image PATH (exactly one)")
+    where = Filter.of(path=where_path, min_size=min_size, max_size=max_size, after=after, before=before)
+    if where is not None:
+        where.sql()  # refuse a bad size or date before loading anything
     with open_index(index) as idx:
-        results = idx.search(text if text is not None else Path(image), k=k, kind=kind.value)
+        results = idx.search(text if text is not None else Path(image), k=k, kind=kind.value, where=where)
     if json_out:
         for r in results:
             _print_json(r.to_dict())
@@ -273,7 +306,7 @@ def info_cmd(index: Optional[str] = IndexOpt, json_out: bool = JsonOpt):
         ["index", info["index"]],
         ["model", enc.get("spec")],
         ["dim", enc.get("dim")],
-        ["vector index", (m.get("vector_index") or {}).get("kind")],
+        *[[f"{k} vectors", _describe_vectors(v)] for k, v in (m.get("vectors") or {}).items() if v.get("count")],
         ["images", c["image"]],
         ["text items", c["text"]],
         ["files", c["files"]],
@@ -284,6 +317,46 @@ def info_cmd(index: Optional[str] = IndexOpt, json_out: bool = JsonOpt):
     _table("", ["", ""], rows)
     if info["failures"]:
         _table("failures", ["path", "reason"], [[_rel(f["path"]), f["reason"]] for f in info["failures"]])
+
+
+def _describe_vectors(v: dict) -> str:
+    """One line per kind's vector index for `info`: kind, structure, recall@10, search params."""
+    from searchkit.vectors import format_bytes
+
+    parts = [f"{v.get('kind', 'flat')} ({v.get('faiss', 'IDMap2,Flat')})", f"{v.get('count', 0):,} vectors"]
+    if v.get("memory_bytes") is not None:
+        parts.append(f"~{format_bytes(v['memory_bytes'])}")
+    rec = v.get("recall") or {}
+    if rec.get("exact"):
+        parts.append("exact")
+    elif rec.get("recall") is not None:
+        parts.append(f"recall@{rec.get('k', 10)} {rec['recall']:.3f} (target {rec.get('target')})")
+    else:
+        parts.append("recall not measured yet")
+    if v.get("search") and v.get("kind") != "flat":
+        parts.append(", ".join(f"{k}={x}" for k, x in v["search"].items()))
+    return "; ".join(parts)
+
+
+@app.command("reindex")
+@handle_errors
+def reindex_cmd(
+    index: Optional[str] = IndexOpt,
+    vector_index: VectorKind = typer.Option(..., "--vector-index", help="auto, flat, hnsw or ivf-pq."),
+    max_memory: Optional[str] = MaxMemoryOpt,
+    target_recall: Optional[float] = typer.Option(None, "--target-recall", min=0.01, max=1.0, help="recall@10 to tune search parameters to. [default: 0.95]"),
+    json_out: bool = JsonOpt,
+):
+    """Rebuild the vector indexes from the embeddings stored in the bundle (no image is re-encoded)."""
+    from searchkit import open_index
+
+    with open_index(index, write=True) as idx:
+        result = idx.reindex(vector_index.value, max_memory, target_recall)
+        path = str(idx.path)
+    if json_out:
+        _print_json({"index": path, "vectors": result})
+        return
+    _table(f"reindex {path}", ["kind", "vector index"], [[k, _describe_vectors(v)] for k, v in result.items() if v.get("count")])
 
 
 def _register_command_groups() -> None:

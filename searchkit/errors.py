@@ -50,6 +50,14 @@ class CorruptIndexError(SearchkitError):
     """The bundle's files cannot be read back (foreign or damaged files)."""
 
 
+class BudgetError(UsageError):
+    """No vector index fits the memory budget; `min_bytes` is the smallest budget that would."""
+
+    def __init__(self, message: str, min_bytes: int | None = None):
+        super().__init__(message)
+        self.min_bytes = min_bytes
+
+
 class InputError(SearchkitError):
     """A query input (image, path) that cannot be read or decoded."""
 

@@ -331,6 +331,7 @@ def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, pr
     try:
         found, unlisted = discover(roots)
         image_jobs, text_jobs = run.plan(roots, found, unlisted)
+        idx.check_vector_budget({"image": sum(j.row is None for j in image_jobs)})  # refuse before encoding
         run.total_work = len(image_jobs) + len(text_jobs)
         run.progress(0, run.total_work)
         if image_jobs or text_jobs:
@@ -339,10 +340,12 @@ def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, pr
             n_workers = workers or min(8, max(2, os.cpu_count() or 2))
             run.images(image_jobs, batch, n_workers)
             run.texts(text_jobs, text_column)
+        idx.maintain_vectors()  # (re)build / retrain approximate indexes; not after an interruption
     finally:
         manifest = idx.read_manifest() or {}
         stale = any(
-            (manifest.get("vectors") or {}).get(k, {}).get("generation") != idx.store.generation for k in ("image", "text")
+            (manifest.get("vectors") or {}).get(k, {}).get("generation") != idx.store.generation or idx._vectors[k].dirty
+            for k in ("image", "text")
         )
         if stale or idx.store.generation != start_generation or manifest.get("counts", {}).get("failures") != len(idx.store.failures()):
             idx.save()

@@ -176,6 +176,46 @@ class Store:
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
         return ids, vecs
 
+    def iter_vectors(self, kind: str, dim: int, chunk: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of one kind in id order, `chunk` rows at a time (keyset pagination), so
+        building a vector index never holds every embedding in memory at once."""
+        last = -1
+        while True:
+            rows = self.db.execute(
+                "SELECT id, vector FROM items WHERE kind = ? AND id > ? ORDER BY id LIMIT ?", [kind, last, chunk]
+            ).fetchall()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            yield ids, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+            last = int(ids[-1])
+
+    def item_ids(self, kind: str) -> np.ndarray:
+        """Every item id of one kind, ascending."""
+        cur = self.db.execute("SELECT id FROM items WHERE kind = ? ORDER BY id", [kind])
+        return np.fromiter((r[0] for r in cur), dtype=np.int64)
+
+    def vectors_by_ids(self, ids: Iterable[int], dim: int) -> np.ndarray:
+        """The stored embeddings of `ids`, in that order (float32, (n, dim)); KeyError if one is missing."""
+        ids = [int(i) for i in ids]
+        found: dict[int, bytes] = {}
+        for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+            part = ids[start : start + 900]
+            marks = ",".join("?" * len(part))
+            found.update(self.db.execute(f"SELECT id, vector FROM items WHERE id IN ({marks})", part).fetchall())
+        if not ids:
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.frombuffer(b"".join(found[i] for i in ids), dtype=np.float32).reshape(len(ids), dim)
+
+    def matching_ids(self, kind: str, where_sql: str, params: list) -> np.ndarray:
+        """Ids of the items of `kind` whose file row (aliased f) satisfies `where_sql`, ascending."""
+        cur = self.db.execute(
+            f"SELECT items.id FROM items JOIN files AS f ON f.id = items.file_id "
+            f"WHERE items.kind = ? AND ({where_sql}) ORDER BY items.id",
+            [kind, *params],
+        )
+        return np.fromiter((r[0] for r in cur), dtype=np.int64)
+
     def item_rows(self, ids: Iterable[int]) -> dict[int, dict]:
         ids = [int(i) for i in ids]
         if not ids:

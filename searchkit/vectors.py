@@ -1,75 +1,934 @@
-"""FAISS vector indexes: exact inner product over explicit ids (the SQLite row ids).
+"""FAISS vector indexes over explicit ids (the SQLite row ids): exact, HNSW and IVF-PQ.
 
-Rows are L2-normalized, so inner product is cosine similarity. One index per item kind
-(image, text) keeps kind-restricted search exact and cheap.
+Rows are L2-normalized, so inner product is cosine similarity. The bundle keeps one index per
+item kind (image, text). Every index kind honours one contract (`Vectors`): add, remove, search
+(optionally restricted to a set of allowed ids), ids, save, load. The embeddings themselves stay
+in meta.db (lossless float32); an index can read them back through `fetch` to re-rank its
+approximate candidates exactly and to answer very selective filters exactly.
+
+Kinds
+  flat    IndexIDMap2(IndexFlatIP): exact. The default up to EXACT_MAX vectors.
+  hnsw    IndexIDMap(IndexHNSWFlat, M=32): graph search over full vectors; no training.
+          HNSW cannot delete a node, so a removed id becomes a tombstone: its slot in the id
+          map is set to -1 (that is saved with the index, nothing else to keep in step) and
+          searches pass a selector that excludes it. The graph keeps routing through it. When
+          tombstones pass TOMBSTONE_REBUILD of the nodes, the end of a run rebuilds the index.
+  ivf-pq  [OPQ rotation +] IndexIVFPQ: inverted lists of product-quantized codes, m bytes per
+          vector + its 8-byte id; nlist ~ 4 sqrt(N), trained on 39 x nlist sampled vectors.
+          Candidates (k x rerank) are re-scored exactly from meta.db, so scores are true
+          cosines. OPQ is kept when it lowers the quantization error on held-out training
+          vectors (it usually does for CLIP-like embeddings), dropped otherwise.
+
+`plan_index` chooses a kind and its parameters from the vector count and a memory budget;
+`tune` measures recall@10 against exact search and picks the cheapest search parameters
+(nprobe / efSearch) that reach the target recall.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .errors import CorruptIndexError, require
-from .fsutil import atomic_write_bytes
+from .errors import BudgetError, CorruptIndexError, UsageError, require
+from .fsutil import fsync_dir
+
+LOG = logging.getLogger(__name__)
+
+KINDS = ("flat", "hnsw", "ivf-pq")
+CHOICES = ("auto", *KINDS)
+#: auto keeps exact search up to this many vectors (when it fits the budget)
+EXACT_MAX = 1_000_000
+TARGET_RECALL = 0.95
+RECALL_K = 10
+#: IVF lists: nlist = ceil(4 sqrt(N)) (the issue's 4..16 sqrt(N) range, low end: cheaper
+#: training and probing), trained on TRAIN_PER_LIST x nlist vectors (faiss' own minimum)
+NLIST_PER_SQRT_N = 4
+TRAIN_PER_LIST = 39
+#: retrain an IVF index once it holds this many times the vectors it was trained on
+RETRAIN_GROWTH = 4.0
+#: rebuild an HNSW index once this share of its nodes are tombstones
+TOMBSTONE_REBUILD = 0.25
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+#: k-means iterations for the IVF coarse quantizer (faiss' default is 25; 10 gives lists as good
+#: for search at 40% of the training time)
+KMEANS_ITERATIONS = 10
+#: OPQ is used when at least this share of the covariance energy lies across PQ blocks
+OPQ_MIN_CROSS_ENERGY = 0.3
+#: a filter matching fewer ids than this (or than 2% of the index) is answered exactly over
+#: the matches instead of through the approximate structure
+EXACT_FILTER_MAX = 20_000
+
+Fetch = Callable[[np.ndarray], np.ndarray]
+Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 
 def _faiss():
     return require("faiss", "faiss-cpu")
 
 
-class FlatVectors:
-    """Exact inner-product search (IndexIDMap2 over IndexFlatIP) keyed by int64 ids."""
-
-    kind = "flat"
-
-    def __init__(self, dim: int, index=None):
+def gpu_count() -> int:
+    """CUDA GPUs usable by FAISS (0 with faiss-cpu, or with SEARCHKIT_DEVICE=cpu)."""
+    if os.environ.get("SEARCHKIT_DEVICE", "").lower() == "cpu":
+        return 0
+    try:
         faiss = _faiss()
+        return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    except Exception:
+        return 0
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def default_budget() -> int:
+    """Half of physical memory: the budget when none is given."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3
+
+
+def check_choice(kind: str | None) -> str:
+    kind = (kind or "auto").lower()
+    if kind not in CHOICES:
+        raise UsageError(f"unknown vector index '{kind}'; use one of: {', '.join(CHOICES)}")
+    return kind
+
+
+# -- memory model and the choice of an index ---------------------------------------------------
+def flat_bytes(n: int, dim: int) -> int:
+    return int(n * (4 * dim + 8 + 32))  # vectors, id map, reverse id map (hash table)
+
+
+def hnsw_bytes(n: int, dim: int, M: int = HNSW_M) -> int:
+    # vectors + level-0 links (2M x int32) + upper levels (~1/M of the nodes) + id map, levels
+    return int(n * (4 * dim + 8 * M * (1 + 1 / M) + 24))
+
+
+def ivf_pq_bytes(n: int, dim: int, params: dict) -> int:
+    d_pq = params.get("d_pq", dim)
+    fixed = params["nlist"] * (d_pq * 4 + 48) + (1 << params.get("nbits", 8)) * d_pq * 4
+    if params.get("opq", True):
+        fixed += dim * d_pq * 4
+    return int(n * (params["m"] + 8) + fixed)
+
+
+def estimate_bytes(kind: str, n: int, dim: int, params: dict | None = None) -> int:
+    if kind == "flat":
+        return flat_bytes(n, dim)
+    if kind == "hnsw":
+        return hnsw_bytes(n, dim, (params or {}).get("M", HNSW_M))
+    return ivf_pq_bytes(n, dim, params or {})
+
+
+def ivf_pq_params(n: int, dim: int, budget: int | None = None) -> dict | None:
+    """IVF-PQ parameters derived from N (None when N is too small to train them): the most
+    bytes per code (up to dim/8) that fit `budget`, or the fewest when none does."""
+    nlist = max(1, math.ceil(NLIST_PER_SQRT_N * math.sqrt(max(n, 1))))
+    train = TRAIN_PER_LIST * nlist
+    if n < max(train, TRAIN_PER_LIST * 256):
+        return None
+    d_pq = dim
+    best = max(1, d_pq // 8)
+    candidates = [m for m in range(best, max(1, d_pq // 64) - 1, -1) if d_pq % m == 0 and (d_pq // m) <= 32] or [best]
+    params = {}
+    for m in candidates:
+        params = {"nlist": nlist, "m": m, "nbits": 8, "opq": "auto", "d_pq": d_pq, "train_size": train}
+        if budget is None or ivf_pq_bytes(n, dim, params) <= budget:
+            break
+    return params
+
+
+def ivf_pq_min_count(dim: int) -> int:
+    """The fewest vectors an automatically sized IVF-PQ index can be trained on."""
+    n = TRAIN_PER_LIST * 256
+    while ivf_pq_params(n, dim) is None:
+        n = int(n * 1.05) + 1
+    return n
+
+
+@dataclass
+class Plan:
+    """The vector index to build: kind, parameters, estimated resident memory, and why."""
+
+    kind: str
+    params: dict
+    memory: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_index(n: int, dim: int, requested: str = "auto", budget: int | None = None) -> Plan:
+    """Choose the vector index for `n` vectors of `dim` under a memory budget (bytes; None =
+    half of physical memory).
+
+    auto: flat while N <= EXACT_MAX and it fits; beyond, HNSW when it fits, else IVF-PQ.
+    A kind asked for explicitly is built as asked, except IVF-PQ on too few vectors to train,
+    which stays flat until there are enough. Raises BudgetError, naming the smallest budget
+    that would work, when nothing fits.
+    """
+    requested = check_choice(requested)
+    limit = default_budget() if budget is None else int(budget)
+    ivf = ivf_pq_params(n, dim, limit)
+    ivf_min = ivf_pq_params(n, dim, 0)
+    options: list[Plan] = []  # in order of preference
+    minimal: list[int] = []
+    flat = Plan("flat", {}, flat_bytes(n, dim), "exact search")
+    if requested == "flat":
+        options.append(flat)
+    elif requested == "hnsw":
+        options.append(Plan("hnsw", {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}, hnsw_bytes(n, dim), "requested"))
+    elif requested == "ivf-pq":
+        if ivf is None:
+            flat.reason = f"ivf-pq requested, but it needs at least {ivf_pq_min_count(dim):,} vectors to train; exact until then"
+            options.append(flat)
+        else:
+            options.append(Plan("ivf-pq", ivf, ivf_pq_bytes(n, dim, ivf), "requested"))
+    else:
+        if n <= EXACT_MAX:
+            flat.reason = f"auto: exact search up to {EXACT_MAX:,} vectors"
+            options.append(flat)
+        else:
+            options.append(
+                Plan("hnsw", {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}, hnsw_bytes(n, dim),
+                     f"auto: more than {EXACT_MAX:,} vectors and HNSW fits the memory budget")
+            )
+        if ivf is not None:
+            why = "auto: the faster kinds do not fit the memory budget"
+            options.append(Plan("ivf-pq", ivf, ivf_pq_bytes(n, dim, ivf), why))
+    for p in options:
+        if p.memory <= limit:
+            return p
+    for p in options:
+        minimal.append(ivf_pq_bytes(n, dim, ivf_min) if p.kind == "ivf-pq" and ivf_min else p.memory)
+    need = min(minimal)
+    raise BudgetError(
+        f"no {'vector index' if requested == 'auto' else requested + ' index'} of {n:,} vectors of dimension {dim} "
+        f"fits in {format_bytes(limit)}; the smallest budget that works is {format_bytes(need)} "
+        f"(--max-memory {math.ceil(need / 1024**2)}M)",
+        min_bytes=need,
+    )
+
+
+class _threads:
+    """Run FAISS single-threaded for small jobs: OpenMP's thread barriers cost far more than
+    they save on a few thousand vectors, and on a busy machine each one can wait a scheduler
+    slice (measured: 20x slower training of a small IVF-PQ on a loaded 2-core machine)."""
+
+    def __init__(self, work: float, threshold: float = 4e6):
+        self.single = work < threshold
+
+    def __enter__(self):
+        if self.single:
+            faiss = _faiss()
+            self.before = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.single:
+            _faiss().omp_set_num_threads(self.before)
+
+
+# -- selectors ----------------------------------------------------------------------------------
+class _Selector:
+    """A FAISS IDSelector over sorted int64 ids that keeps its buffers alive while in use."""
+
+    def __init__(self, allowed: np.ndarray):
+        faiss = _faiss()
+        self.allowed = allowed
+        top = int(allowed[-1]) if len(allowed) else 0
+        if top < 64 * len(allowed) + (1 << 24):  # dense ids (SQLite rowids are): a bitmap
+            self.bitmap = np.zeros(top // 8 + 1, dtype=np.uint8)
+            np.bitwise_or.at(self.bitmap, allowed >> 3, (1 << (allowed & 7)).astype(np.uint8))
+            self.sel = faiss.IDSelectorBitmap(len(self.bitmap), faiss.swig_ptr(self.bitmap))
+        else:
+            self.sel = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+
+
+def _prep(queries: np.ndarray, dim: int) -> np.ndarray:
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    if q.shape[1] != dim:
+        raise UsageError(f"query vectors have dimension {q.shape[1]}, the index {dim}")
+    return q
+
+
+def _empty(nq: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
+
+
+def _topk_rows(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by score (desc), -1 ids last, keep k."""
+    D = np.where(I < 0, -np.inf, D)
+    order = np.argsort(-D, axis=1, kind="stable")[:, :k]
+    D2 = np.take_along_axis(D, order, 1)
+    I2 = np.take_along_axis(I, order, 1)
+    return np.where(I2 < 0, -np.inf, D2).astype(np.float32), I2
+
+
+def _trim(D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop trailing columns where every row has no result."""
+    valid = (I >= 0).any(axis=0)
+    keep = int(valid.nonzero()[0][-1]) + 1 if valid.any() else 0
+    return D[:, :keep], I[:, :keep]
+
+
+# -- the contract -------------------------------------------------------------------------------
+class Vectors:
+    """One FAISS index over int64 ids. Subclasses: FlatVectors, HNSWVectors, IVFPQVectors.
+
+    `search_params` are the tuned query-time parameters (nprobe, efSearch, rerank); `fetch`
+    (ids -> exact float32 vectors), when set, lets approximate kinds re-rank exactly.
+    """
+
+    kind = "?"
+
+    def __init__(self, dim: int, index, params: dict | None = None, search_params: dict | None = None, fetch: Fetch | None = None):
         self.dim = dim
-        self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.index = index
+        self.params = dict(params or {})
+        self.search_params = {**self.default_search_params(), **(search_params or {})}
+        self.fetch = fetch
+        self.dirty = False  # changed since loaded or saved
+        self.mmapped = False  # IVF lists memory-mapped read-only
+        self.info: dict[str, Any] = {}  # why it was built, when, measured recall (for the manifest)
+        self._gpu = None
+
+    # subclasses override
+    def default_search_params(self) -> dict:
+        return {}
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids):
-            self.index.add_with_ids(
-                np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
-            )
+            with _threads(len(ids) * self.dim * 64):
+                self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim), ids)
+            self._changed()
 
-    def remove(self, ids) -> None:
-        ids = np.asarray(list(ids), dtype=np.int64)
+    def remove(self, ids: Iterable[int]) -> None:
+        ids = np.ascontiguousarray(np.fromiter((int(i) for i in ids), dtype=np.int64))
         if len(ids):
-            self.index.remove_ids(_faiss().IDSelectorBatch(ids))
+            self.index.remove_ids(_faiss().IDSelectorBatch(len(ids), _faiss().swig_ptr(ids)))
+            self._changed()
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) of shape (nq, k'), k' = min(k, len(self)); best first."""
-        k = min(int(k), len(self))
-        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if k <= 0:
-            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        return self.index.search(q, k)
+    def _changed(self) -> None:
+        self.dirty = True
+        self._gpu = None
 
     def ids(self) -> np.ndarray:
-        faiss = _faiss()
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        raise NotImplementedError
 
+    def describe(self) -> str:
+        """The FAISS structure, in index_factory-like words."""
+        return self.kind
+
+    def memory_bytes(self) -> int:
+        return estimate_bytes(self.kind, len(self), self.dim, self.params)
+
+    def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None, **overrides) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (nq, k'), best first; k' <= k. `allowed`: the only ids that may be
+        returned (the true top k among them, not the top k filtered afterwards). Rows with fewer
+        results than k' end with id -1. `overrides` replace tuned search parameters."""
+        q = _prep(queries, self.dim)
+        k = int(k)
+        if k < 1:
+            raise UsageError("k must be at least 1")
+        if allowed is not None:
+            allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+            allowed = allowed[allowed >= 0]
+            if len(allowed) == 0:
+                return _empty(len(q))
+        k = min(k, len(self))
+        if k <= 0:
+            return _empty(len(q))
+        params = {**self.search_params, **overrides}
+        D, I = self._search(q, k, allowed, params)
+        return _trim(D, I)
+
+    def _search(self, q, k, allowed, params) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _exact_over(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Exact top k among `allowed` from the stored vectors (None without `fetch`)."""
+        if self.fetch is None:
+            return None
+        live = allowed[np.isin(allowed, self.ids(), assume_unique=True)] if len(allowed) else allowed
+        if len(live) == 0:
+            return _empty(len(q))
+        X = self.fetch(live)
+        S = q @ X.T
+        kk = min(k, len(live))
+        part = np.argpartition(-S, kk - 1, axis=1)[:, :kk] if kk < len(live) else np.tile(np.arange(len(live)), (len(q), 1))
+        D = np.take_along_axis(S, part, 1)
+        return _topk_rows(D, live[part], kk)
+
+    def _rerank(self, q: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Re-score candidate ids exactly from `fetch` and keep the best k."""
+        uniq = np.unique(I[I >= 0])
+        if len(uniq) == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        X = self.fetch(uniq)
+        pos = np.searchsorted(uniq, np.where(I >= 0, I, uniq[0]))
+        S = np.einsum("qd,qcd->qc", q, X[pos])
+        return _topk_rows(np.where(I >= 0, S, -np.inf), I, k)
+
+    # -- persistence
     def save(self, path: str | Path) -> None:
-        atomic_write_bytes(path, _faiss().serialize_index(self.index).tobytes())
+        """Write atomically: a temporary sibling, fsync, rename, fsync the folder."""
+        faiss = _faiss()
+        self._store_search_params()
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            faiss.write_index(self.index, str(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        fsync_dir(path.parent)
+        self.dirty = False
 
-    @classmethod
-    def load(cls, path: str | Path, dim: int) -> FlatVectors:
+    def _store_search_params(self) -> None:
+        """Put the tuned search parameters into the FAISS structure, so the file carries them."""
+
+    @staticmethod
+    def load(path: str | Path, dim: int, *, mmap: bool = False, fetch: Fetch | None = None) -> Vectors:
+        """Read any kind back (the kind is recognised from the FAISS structure). `mmap`:
+        memory-map IVF inverted lists (read-only, for serving indexes larger than RAM)."""
         faiss = _faiss()
         try:
-            index = faiss.read_index(str(path))
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         except RuntimeError as e:
             raise CorruptIndexError(f"cannot read vector index {path}: {str(e).splitlines()[0]}") from e
         if index.d != dim:
             raise CorruptIndexError(f"vector index {path} has dimension {index.d}, expected {dim}")
+        cls = _kind_of(index)
+        if cls is None:
+            raise CorruptIndexError(f"vector index {path} is a {type(faiss.downcast_index(index)).__name__}, not one searchkit writes")
+        v = cls.wrap(dim, index)
+        v.fetch = fetch
+        v.mmapped = mmap
+        return v
+
+    @classmethod
+    def wrap(cls, dim: int, index) -> Vectors:
         return cls(dim, index)
+
+
+def _kind_of(index) -> type[Vectors] | None:
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap2, faiss.IndexIDMap)):
+        sub = faiss.downcast_index(index.index)
+        if isinstance(sub, faiss.IndexFlat):
+            return FlatVectors
+        if isinstance(sub, faiss.IndexHNSW):
+            return HNSWVectors
+        return None
+    if isinstance(index, faiss.IndexPreTransform) or isinstance(index, faiss.IndexIVFPQ):
+        return IVFPQVectors if isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFPQ) else None
+    return None
+
+
+class FlatVectors(Vectors):
+    """Exact inner-product search (IndexIDMap2 over IndexFlatIP)."""
+
+    kind = "flat"
+
+    def __init__(self, dim: int, index=None, params=None, search_params=None, fetch=None):
+        faiss = _faiss()
+        super().__init__(dim, index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), params, search_params, fetch)
+
+    def ids(self) -> np.ndarray:
+        return _faiss().vector_to_array(self.index.id_map).astype(np.int64)
+
+    def describe(self) -> str:
+        return "IDMap2,Flat"
+
+    def _search(self, q, k, allowed, params):
+        faiss = _faiss()
+        if allowed is not None:
+            s = _Selector(allowed)
+            return self.index.search(q, k, params=faiss.SearchParameters(sel=s.sel))
+        gpu = self._gpu_index()
+        return (gpu or self.index).search(q, k)
+
+    def _gpu_index(self):
+        """A GPU copy of the index for unfiltered searches when FAISS has GPUs (else None)."""
+        if self._gpu is None and len(self) >= 50_000 and gpu_count() > 0:
+            try:
+                self._gpu = _faiss().index_cpu_to_all_gpus(self.index)
+            except Exception as e:  # any GPU trouble: stay on the CPU
+                LOG.debug("flat index stays on CPU (%s)", e)
+                self._gpu = False
+        return self._gpu or None
 
     @classmethod
     def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray) -> FlatVectors:
         v = cls(dim)
         v.add(ids, vectors)
         return v
+
+
+class HNSWVectors(Vectors):
+    """HNSW graph over full vectors (IndexIDMap over IndexHNSWFlat); removals are tombstones."""
+
+    kind = "hnsw"
+
+    def __init__(self, dim: int, index=None, params=None, search_params=None, fetch=None):
+        faiss = _faiss()
+        params = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, **(params or {})}
+        if index is None:
+            h = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+            h.hnsw.efConstruction = int(params["ef_construction"])
+            index = faiss.IndexIDMap(h)
+        super().__init__(dim, index, params, search_params, fetch)
+        self._idmap: np.ndarray | None = None
+
+    @classmethod
+    def wrap(cls, dim, index):
+        faiss = _faiss()
+        # (keep `index` itself: it owns the C++ object; a downcast proxy of it would not)
+        h = faiss.downcast_index(index.index)
+        params = {"M": int(h.hnsw.nb_neighbors(1)), "ef_construction": int(h.hnsw.efConstruction)}
+        return cls(dim, index, params, {"efSearch": int(h.hnsw.efSearch)})
+
+    def default_search_params(self) -> dict:
+        return {"efSearch": 64}
+
+    def _store_search_params(self) -> None:
+        self._hnsw().hnsw.efSearch = int(self.search_params.get("efSearch", 64))
+
+    def _hnsw(self):
+        return _faiss().downcast_index(self.index.index)
+
+    def _id_map(self) -> np.ndarray:
+        if self._idmap is None:
+            self._idmap = _faiss().vector_to_array(self.index.id_map).astype(np.int64)
+        return self._idmap
+
+    def _changed(self) -> None:
+        super()._changed()
+        self._idmap = None
+
+    @property
+    def tombstones(self) -> int:
+        return int((self._id_map() < 0).sum())
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal) - self.tombstones
+
+    def ids(self) -> np.ndarray:
+        m = self._id_map()
+        return m[m >= 0]
+
+    def remove(self, ids: Iterable[int]) -> None:
+        ids = np.fromiter((int(i) for i in ids), dtype=np.int64)
+        if not len(ids):
+            return
+        m = self._id_map().copy()
+        hit = np.isin(m, ids)
+        if hit.any():
+            m[hit] = -1
+            _faiss().copy_array_to_vector(m, self.index.id_map)
+            self._changed()
+            self._idmap = m
+
+    def describe(self) -> str:
+        return f"IDMap,HNSW{self.params['M']},Flat"
+
+    def _search(self, q, k, allowed, params):
+        faiss = _faiss()
+        ef = int(params.get("efSearch", 64))
+        n_total = int(self.index.ntotal)
+        if allowed is not None:
+            share = len(allowed) / max(len(self), 1)
+            if len(allowed) <= max(EXACT_FILTER_MAX, 0.02 * n_total) or share < 0.02:
+                return self._exact_matches(q, k, allowed)
+            ef = min(max(ef, math.ceil(ef / share)), 4096)
+            s = _Selector(allowed)
+        elif self.tombstones:
+            s = _Selector.__new__(_Selector)
+            s.sel = faiss.IDSelectorRange(0, 1 << 62)
+        else:
+            s = None
+        sp = faiss.SearchParametersHNSW(efSearch=max(ef, k), sel=s.sel) if s else faiss.SearchParametersHNSW(efSearch=max(ef, k))
+        D, I = self.index.search(q, k, params=sp)
+        if allowed is not None and (I < 0).any():  # the graph walk found too few matches
+            return self._exact_matches(q, k, allowed)
+        return D, I
+
+    def _exact_matches(self, q, k, allowed):
+        """Exact top k among `allowed`, from the vectors the HNSW index stores (no SQLite)."""
+        faiss = _faiss()
+        m = self._id_map()
+        positions = np.nonzero(np.isin(m, allowed))[0].astype(np.int64)
+        if len(positions) == 0:
+            return _empty(len(q))
+        storage = faiss.downcast_index(self._hnsw().storage)
+        s = _Selector(positions)
+        D, P = storage.search(q, min(k, len(positions)), params=faiss.SearchParameters(sel=s.sel))
+        return D, np.where(P >= 0, m[np.maximum(P, 0)], -1)
+
+
+class IVFPQVectors(Vectors):
+    """[OPQ +] IVF-PQ with exact re-ranking of k x rerank candidates through `fetch`."""
+
+    kind = "ivf-pq"
+
+    def __init__(self, dim: int, index=None, params=None, search_params=None, fetch=None):
+        if index is None:
+            index = self._create(dim, params or {})
+        super().__init__(dim, index, params, search_params, fetch)
+
+    @staticmethod
+    def _create(dim: int, params: dict):
+        faiss = _faiss()
+        d_pq = params.get("d_pq", dim)
+        quantizer = faiss.IndexFlatIP(d_pq)
+        ivf = faiss.IndexIVFPQ(quantizer, d_pq, int(params["nlist"]), int(params["m"]), int(params.get("nbits", 8)), faiss.METRIC_INNER_PRODUCT)
+        ivf.own_fields = True
+        quantizer.this.disown()
+        # training cost matters at 512-d: fewer k-means iterations and points than faiss'
+        # defaults (measured: same recall after exact re-ranking, a fraction of the time)
+        ivf.cp.niter = KMEANS_ITERATIONS
+        ivf.pq.cp.niter = 10
+        ivf.pq.cp.max_points_per_centroid = 100
+        if params.get("opq") is True:
+            opq = faiss.OPQMatrix(dim, int(params["m"]), d_pq)
+            opq.niter, opq.niter_pq, opq.niter_pq_0, opq.max_train_points = 10, 2, 10, 16_384
+            idx = faiss.IndexPreTransform(opq, ivf)
+            idx.own_fields = True
+            opq.this.disown()
+            ivf.this.disown()
+            return idx
+        return ivf
+
+    @classmethod
+    def wrap(cls, dim, index):
+        faiss = _faiss()
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        params = {
+            "nlist": int(ivf.nlist), "m": int(ivf.pq.M), "nbits": int(ivf.pq.nbits), "d_pq": int(ivf.d),
+            "opq": isinstance(index, faiss.IndexPreTransform),
+        }
+        return cls(dim, index, params, {"nprobe": int(ivf.nprobe)})
+
+    def default_search_params(self) -> dict:
+        return {"nprobe": 16, "rerank": 10}
+
+    def _store_search_params(self) -> None:
+        self._ivf().nprobe = int(self.search_params.get("nprobe", 16))
+
+    def _ivf(self):
+        faiss = _faiss()
+        return faiss.downcast_index(faiss.extract_index_ivf(self.index))
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    def describe(self) -> str:
+        p = self.params
+        opq = f"OPQ{p['m']}_{p.get('d_pq', self.dim)}," if p.get("opq") is True else ""
+        return f"{opq}IVF{p['nlist']},PQ{p['m']}x{p.get('nbits', 8)}"
+
+    def add(self, ids, vectors) -> None:
+        self._writable()
+        super().add(ids, vectors)
+
+    def remove(self, ids) -> None:
+        self._writable()
+        super().remove(ids)
+
+    def _writable(self) -> None:
+        if self.mmapped:
+            raise UsageError("this vector index is memory-mapped read-only; open the bundle for writing to change it")
+
+    def _changed(self) -> None:
+        super()._changed()
+        self._ids = None
+
+    def ids(self) -> np.ndarray:
+        if getattr(self, "_ids", None) is None:
+            faiss = _faiss()
+            inv = self._ivf().invlists
+            out = []
+            for lst in range(inv.nlist):
+                size = inv.list_size(lst)
+                if size:
+                    ptr = inv.get_ids(lst)
+                    out.append(faiss.rev_swig_ptr(ptr, size).copy())
+                    inv.release_ids(lst, ptr)
+            self._ids = np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+        return self._ids
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train OPQ (when params['opq'] is 'auto', only if it lowers the quantization error on
+        held-out sample rows) and the IVF-PQ on `sample`; k-means runs on a GPU when present."""
+        faiss = _faiss()
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        with _threads(sample.size):
+            if self.params.get("opq", "auto") == "auto":
+                helps, share = opq_helps(sample, int(self.params["m"]))
+                LOG.info("covariance energy across PQ blocks: %.2f -> %s OPQ", share, "with" if helps else "without")
+                self.params["opq"] = helps
+                self.params["opq_cross_energy"] = round(share, 3)
+                self.index = self._create(self.dim, self.params)
+            ivf = self._ivf()
+            if gpu_count() > 0:
+                try:
+                    ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+                except Exception as e:
+                    LOG.debug("k-means stays on CPU (%s)", e)
+            self.index.train(sample)
+        self.params["trained_on"] = int(len(sample))
+        self._changed()
+
+    def _search(self, q, k, allowed, params):
+        faiss = _faiss()
+        ivf = self._ivf()
+        nprobe = int(params.get("nprobe", 16))
+        rerank = int(params.get("rerank", 10)) if self.fetch is not None else 1
+        s = None
+        if allowed is not None:
+            share = len(allowed) / max(len(self), 1)
+            if len(allowed) <= EXACT_FILTER_MAX and self.fetch is not None:
+                ex = self._exact_over(q, k, allowed)
+                if ex is not None:
+                    return ex
+            nprobe = min(ivf.nlist, max(nprobe, math.ceil(nprobe / max(share, 1e-9))))
+            s = _Selector(allowed)
+        kk = min(len(self), k * max(rerank, 1))
+        sp = faiss.SearchParametersIVF(nprobe=min(nprobe, ivf.nlist), sel=s.sel) if s else faiss.SearchParametersIVF(nprobe=min(nprobe, ivf.nlist))
+        D, I = self.index.search(q, kk, params=sp)
+        reachable = min(k, len(allowed) if allowed is not None else len(self))
+        if (I[:, :reachable] < 0).any() and nprobe < ivf.nlist:  # the probed lists hold too few: all lists
+            sp = faiss.SearchParametersIVF(nprobe=ivf.nlist, sel=s.sel) if s else faiss.SearchParametersIVF(nprobe=ivf.nlist)
+            D, I = self.index.search(q, kk, params=sp)
+        if rerank > 1:
+            return self._rerank(q, I, k)
+        return D[:, :k], I[:, :k]
+
+
+def opq_helps(sample: np.ndarray, m: int, threshold: float = OPQ_MIN_CROSS_ENERGY) -> tuple[bool, float]:
+    """Whether an OPQ rotation is worth training before PQ with m sub-quantizers, and the
+    measure: the share of the covariance energy (squared Frobenius norm) that lies *between*
+    the m blocks of dimensions PQ quantizes independently. PQ captures structure within a
+    block but not across blocks; OPQ rotates the space to move it inside. With little energy
+    across blocks (near-isotropic or block-aligned data) the rotation buys nothing."""
+    n, d = sample.shape
+    if d % m or m < 2 or n < 2 * d:
+        return False, 0.0
+    x = sample[: min(n, 20_000)].astype(np.float64)
+    c = np.cov(x, rowvar=False)
+    block = np.arange(d) // (d // m)
+    inside = block[:, None] == block[None, :]
+    energy = float((c**2).sum())
+    share = float((c[~inside] ** 2).sum() / energy) if energy > 0 else 0.0
+    return share >= threshold, share
+
+
+# -- building -----------------------------------------------------------------------------------
+def create(kind: str, dim: int, params: dict | None = None, fetch: Fetch | None = None) -> Vectors:
+    cls = {"flat": FlatVectors, "hnsw": HNSWVectors, "ivf-pq": IVFPQVectors}[kind]
+    return cls(dim, None, params, None, fetch)
+
+
+def build(
+    plan: Plan,
+    dim: int,
+    chunks: Chunks,
+    *,
+    sample: Callable[[int], np.ndarray] | None = None,
+    fetch: Fetch | None = None,
+) -> Vectors:
+    """Build the planned index streaming: `chunks()` yields (ids, vectors) blocks (called once,
+    or twice for IVF-PQ when no `sample` is given: once to draw the training sample), so the
+    embeddings never need to be in memory all at once."""
+    vec = create(plan.kind, dim, plan.params, fetch)
+    if isinstance(vec, IVFPQVectors):
+        want = int(plan.params.get("train_size") or TRAIN_PER_LIST * plan.params["nlist"])
+        t = time.perf_counter()
+        vec.train(sample(want) if sample is not None else reservoir_sample(chunks(), want))
+        LOG.info("trained %s on %d vectors in %.1fs", vec.describe(), vec.params["trained_on"], time.perf_counter() - t)
+    t = time.perf_counter()
+    for ids, x in chunks():
+        vec.add(ids, x)
+    LOG.info("added %d vectors to %s in %.1fs", len(vec), vec.describe(), time.perf_counter() - t)
+    vec.params["built_count"] = len(vec)
+    return vec
+
+
+def reservoir_sample(chunks: Iterable[tuple[np.ndarray, np.ndarray]], n: int, seed: int = 0) -> np.ndarray:
+    """A uniform sample of n rows from a stream of blocks, holding at most n rows."""
+    rng = np.random.default_rng(seed)
+    out: np.ndarray | None = None
+    seen = 0
+    for _, x in chunks:
+        if out is None:
+            out = np.empty((n, x.shape[1]), np.float32)
+        for row in x:
+            if seen < n:
+                out[seen] = row
+            else:
+                j = rng.integers(0, seen + 1)
+                if j < n:
+                    out[j] = row
+            seen += 1
+    if out is None:
+        raise UsageError("no vectors to train on")
+    return out[: min(seen, n)]
+
+
+# -- recall against exact search, and tuning -----------------------------------------------------
+def exact_knn(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (scores, ids) by inner product over blocks of (ids, vectors), streaming."""
+    faiss = _faiss()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)
+    for ids, x in chunks:
+        if not len(ids):
+            continue
+        kk = min(k, len(ids))
+        D, I = faiss.knn(q, np.ascontiguousarray(x, dtype=np.float32), kk, metric=faiss.METRIC_INNER_PRODUCT)
+        got = np.where(I >= 0, np.asarray(ids, np.int64)[np.maximum(I, 0)], -1)
+        if kk < k:
+            D = np.hstack([D, np.full((len(q), k - kk), -np.inf, np.float32)])
+            got = np.hstack([got, np.full((len(q), k - kk), -1, np.int64)])
+        heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(got))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def _drop_self(I: np.ndarray, self_ids: np.ndarray, k: int) -> list[np.ndarray]:
+    out = []
+    for row, me in zip(I, self_ids):
+        row = row[(row >= 0) & (row != me)]
+        out.append(row[:k])
+    return out
+
+
+def recall_at_k(found: list[np.ndarray] | np.ndarray, truth: list[np.ndarray], k: int = RECALL_K) -> np.ndarray:
+    """Per-query share of the true top k that was found."""
+    return np.array([len(set(map(int, f[:k])) & set(map(int, t[:k]))) / max(1, min(k, len(t))) for f, t in zip(found, truth)])
+
+
+@dataclass
+class QuerySet:
+    """Queries for measuring recall: vectors, the id each one is stored under (-1 for held-out
+    queries; leave-one-out: a stored query's own id is ignored on both sides) and a name."""
+
+    name: str
+    vectors: np.ndarray
+    self_ids: np.ndarray
+
+
+def _grids(vec: Vectors) -> list[list[dict]]:
+    """Search-parameter ladders, each from cheapest to most thorough."""
+    if isinstance(vec, HNSWVectors):
+        return [[{"efSearch": ef} for ef in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)]]
+    if isinstance(vec, IVFPQVectors):
+        nlist = int(vec.params["nlist"])
+        probes = [p for p in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p < nlist] + [nlist]
+        reranks = (5, 10, 20) if vec.fetch is not None else (1,)
+        return [[{"nprobe": p, "rerank": r} for p in probes] for r in reranks]
+    return [[{}]]
+
+
+def tune(
+    vec: Vectors,
+    query_sets: list[QuerySet],
+    truth_chunks: Chunks,
+    *,
+    target: float = TARGET_RECALL,
+    k: int = RECALL_K,
+) -> dict:
+    """Measure recall@k against exact search and pick search parameters.
+
+    The queries are split in two halves. On the first, each ladder of search parameters (from
+    cheap to thorough) is climbed to the first rung where every query set reaches `target`;
+    the fastest of those rungs (timed, re-ranking reads included) is chosen. The recall reported
+    is measured with it on the second half, so the figure is not fitted to the queries it
+    reports on. Sets vec.search_params and returns the manifest's `recall` record.
+    """
+    t0 = time.perf_counter()
+    sets = [s for s in query_sets if len(s.vectors)]
+    if not sets or len(vec) == 0:
+        return {"k": k, "recall": None, "target": target, "queries": 0, "note": "no vectors to measure with"}
+    Q = np.vstack([s.vectors for s in sets]).astype(np.float32)
+    me = np.concatenate([s.self_ids for s in sets]).astype(np.int64)
+    names = np.concatenate([[s.name] * len(s.vectors) for s in sets])
+    _, T = exact_knn(Q, truth_chunks(), k + 1)
+    truth = _drop_self(T, me, k)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(Q))
+    tune_idx, eval_idx = np.sort(order[: len(Q) // 2]), np.sort(order[len(Q) // 2 :])
+    if len(tune_idx) == 0:
+        tune_idx = eval_idx
+
+    def run(idx: np.ndarray, params: dict) -> np.ndarray:
+        _, I = vec.search(Q[idx], k + 1, **params)
+        return recall_at_k(_drop_self(I, me[idx], k), [truth[i] for i in idx], k)
+
+    def worst_set(idx: np.ndarray, per_query: np.ndarray) -> float:
+        """The target must hold for every query set (e.g. cross-modal queries), not on average."""
+        return min(float(per_query[names[idx] == n].mean()) for n in np.unique(names[idx]))
+
+    # climb each ladder to its first rung that reaches the target; of those, keep the fastest
+    # (measured, so re-ranking's reads from meta.db count); none reaches it: the most thorough
+    reached: list[tuple[float, dict]] = []
+    best_effort: tuple[float, dict] = (-1.0, {})
+    tried = 0
+    for ladder in _grids(vec):
+        for params in ladder:
+            tried += 1
+            t = time.perf_counter()
+            r = worst_set(tune_idx, run(tune_idx, params))
+            spent = time.perf_counter() - t
+            if r > best_effort[0]:
+                best_effort = (r, params)
+            if r >= target:
+                reached.append((spent, params))
+                break
+    met = bool(reached)
+    chosen = min(reached, key=lambda x: x[0])[1] if reached else best_effort[1]
+    vec.search_params.update(chosen or {})
+    per_query = run(eval_idx, chosen or {})
+    by_set = {str(n): round(float(per_query[names[eval_idx] == n].mean()), 4) for n in np.unique(names[eval_idx])}
+    return {
+        "k": k,
+        "recall": round(float(per_query.mean()), 4),
+        "target": target,
+        "met": bool(met and worst_set(eval_idx, per_query) >= target),
+        "by_query_set": by_set,
+        "queries": {"tuning": int(len(tune_idx)), "measured": int(len(eval_idx))},
+        "search": dict(vec.search_params),
+        "count": len(vec),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "grid_points_tried": tried,
+    }

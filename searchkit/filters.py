@@ -1,0 +1,142 @@
+"""Query filters: which items a search may return, decided in SQLite, enforced inside FAISS.
+
+    from searchkit.filters import Filter
+    idx.search("a beach", k=10, where=Filter(path="~/Pictures/2023", min_size="1M", after="2023-06-01"))
+
+A `Filter` becomes one SQL query over `items JOIN files`; the matching item ids become a FAISS
+id selector passed with the search (`faiss.SearchParameters(sel=...)`), so the k results are
+the k nearest *among the matches*, not the nearest k filtered afterwards.
+
+Path semantics (`path=`):
+  - no glob characters (`* ? [`): a folder or file prefix. `~` is expanded and a relative value
+    is made absolute against the current folder; it matches that path and everything below it
+    (`/photos/2020` matches `/photos/2020/a.jpg`, not `/photos/2020-01/a.jpg`).
+  - a glob (SQLite GLOB, case-sensitive, `*` also matches `/`): one that starts with a glob
+    character is used as is (`*.png`: every PNG anywhere, `*/2020/*`); otherwise it is made
+    absolute like a prefix (`photos/*.jpg` -> `$PWD/photos/*.jpg`).
+Sizes are bytes or a number with a unit (`500K`, `2.5M`, `1G`; powers of 1024). Dates are
+ISO dates or datetimes (`2024-05-01`, `2024-05-01T13:30`; naive ones in local time), a
+`datetime`/`date`, or a POSIX timestamp; `after` is inclusive, `before` exclusive, both on the
+file's modification time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from datetime import date, datetime, time as dtime
+from typing import Any, Union
+
+from .errors import UsageError
+
+DateLike = Union[str, float, int, date, datetime]
+SizeLike = Union[str, int, float]
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(value: SizeLike, *, what: str = "size") -> int:
+    """Bytes from `123`, `500K`, `2.5M`, `4G`, `4GB`, `4GiB` (powers of 1024)."""
+    if isinstance(value, bool):
+        raise UsageError(f"bad {what}: {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise UsageError(f"bad {what}: {value!r} is negative")
+        return int(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise UsageError(f"bad {what} '{value}'; use bytes or a number with K, M, G or T (e.g. 4G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_time_ns(value: DateLike, *, what: str = "date") -> int:
+    """Nanoseconds since the epoch from an ISO date/datetime string, date, datetime or timestamp."""
+    if isinstance(value, bool):
+        raise UsageError(f"bad {what}: {value!r}")
+    if isinstance(value, (int, float)):
+        return int(float(value) * 1e9)
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, date):
+        dt = datetime.combine(value, dtime())
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(f"bad {what} '{value}'; use an ISO date like 2024-05-01 or 2024-05-01T13:30") from None
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # naive: local time, as file dates are usually thought of
+    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Restrict a search to items whose file matches every given condition (None = any)."""
+
+    path: str | None = None
+    min_size: SizeLike | None = None
+    max_size: SizeLike | None = None
+    after: DateLike | None = None
+    before: DateLike | None = None
+
+    @classmethod
+    def of(cls, where: Filter | dict | None = None, **kwargs: Any) -> Filter | None:
+        """A Filter from a Filter, a dict of its fields, and/or keyword fields; None if empty."""
+        if where is None:
+            base: dict = {}
+        elif isinstance(where, Filter):
+            base = {f.name: getattr(where, f.name) for f in fields(cls)}
+        elif isinstance(where, dict):
+            base = dict(where)
+        else:
+            raise UsageError(f"where= must be a searchkit.filters.Filter or a dict, not {type(where).__name__}")
+        base.update({k: v for k, v in kwargs.items() if v is not None})
+        unknown = set(base) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown filter field(s): {', '.join(sorted(unknown))}; use path, min_size, max_size, after, before")
+        flt = cls(**base)
+        return None if flt.is_empty() else flt
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+    def sql(self) -> tuple[str, list]:
+        """A WHERE fragment over `files` (aliased f) and its parameters."""
+        clauses: list[str] = []
+        params: list = []
+        if self.path is not None:
+            pattern = str(self.path)
+            if not pattern:
+                raise UsageError("empty path filter")
+            if _GLOB_CHARS.search(pattern):
+                if not _GLOB_CHARS.match(pattern):
+                    pattern = os.path.abspath(os.path.expanduser(pattern))
+                clauses.append("f.path GLOB ?")
+                params.append(pattern)
+            else:
+                prefix = os.path.abspath(os.path.expanduser(pattern)).rstrip(os.sep) or os.sep
+                below = prefix if prefix.endswith(os.sep) else prefix + os.sep
+                # substr comparison, not LIKE: paths may hold % and _
+                clauses.append("(f.path = ? OR substr(f.path, 1, ?) = ?)")
+                params += [prefix, len(below), below]
+        lo = parse_size(self.min_size, what="minimum size") if self.min_size is not None else None
+        hi = parse_size(self.max_size, what="maximum size") if self.max_size is not None else None
+        if lo is not None:
+            clauses.append("f.size >= ?")
+            params.append(lo)
+        if hi is not None:
+            clauses.append("f.size <= ?")
+            params.append(hi)
+        if lo is not None and hi is not None and lo > hi:
+            raise UsageError(f"minimum size {lo} is larger than maximum size {hi}")
+        t0 = parse_time_ns(self.after, what="--after date") if self.after is not None else None
+        t1 = parse_time_ns(self.before, what="--before date") if self.before is not None else None
+        if t0 is not None:
+            clauses.append("f.mtime_ns >= ?")
+            params.append(t0)
+        if t1 is not None:
+            clauses.append("f.mtime_ns < ?")
+            params.append(t1)
+        return (" AND ".join(clauses) or "1"), params
