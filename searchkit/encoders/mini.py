@@ -2,8 +2,11 @@
 
 A checkpoint is a folder written by `searchkit train`:
 
-  config.json         format, tower specs, head shapes, embedding dim, logit scale, training notes
-  heads.safetensors   the two projection heads and the learned temperature
+  config.json                format, tower specs, head shapes, embedding dim, logit scale, training notes
+  heads.safetensors          the two projection heads and the learned temperature
+  image_tower.safetensors    only after partial fine-tuning (`image_tower_tuned` in config.json,
+                             checkpoint version 2): the fine-tuned last blocks of the image tower,
+                             under the tower network's own key names, applied over its pretrained weights
 
 Specs:
   PATH    a checkpoint folder (any spec that is an existing path)
@@ -36,9 +39,11 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "searchkit.dual-encoder"
-CHECKPOINT_VERSION = 1
+#: version 2 adds fine-tuned image tower blocks; checkpoints without them are still written as 1
+CHECKPOINT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "heads.safetensors"
+TOWER_FILE = "image_tower.safetensors"
 #: the shipped `mini` checkpoint
 MINI_DIR = Path(__file__).resolve().parent.parent / "weights" / "mini"
 #: CLIP's cap on the learned logit scale
@@ -106,29 +111,43 @@ def build_heads(image: HeadSpec, text: HeadSpec, init_logit_scale: float = 1 / 0
     return DualHeads()
 
 
-def save_checkpoint(folder: str | os.PathLike, heads: Any, config: dict) -> Path:
-    """Write heads and config into `folder` (each file atomically: temporary name, rename)."""
-    from safetensors.torch import save_file
+def save_checkpoint(
+    folder: str | os.PathLike, heads: Any, config: dict, tower_state: dict | None = None
+) -> Path:
+    """Write heads (+ fine-tuned tower weights) and config into `folder`.
 
+    Each file is written atomically (temporary name, rename), config.json last, so a checkpoint
+    is only ever read with weights that are at least as new as its config.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
+        "version": 2 if tower_state else 1,
         **config,
         "logit_scale": float(heads.scale().item()),
     }
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    state = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    _save_tensors(folder / WEIGHTS_FILE, heads.state_dict())
+    if tower_state:
+        _save_tensors(folder / TOWER_FILE, tower_state)
+        config["image_tower_tuned"] = {**config.get("image_tower_tuned", {}), "file": TOWER_FILE}
+    else:
+        config.pop("image_tower_tuned", None)
     tmp = folder / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / CONFIG_FILE)
     return folder
+
+
+def _save_tensors(path: Path, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only
+    os.replace(tmp, path)
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -150,7 +169,31 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise ModelUnavailableError(
             f"{folder} was written by a newer searchkit (checkpoint version {cfg['version']}); upgrade searchkit"
         )
+    tuned = cfg.get("image_tower_tuned")
+    if tuned and not (folder / tuned.get("file", TOWER_FILE)).is_file():
+        raise ModelUnavailableError(f"{folder} names fine-tuned tower weights but {tuned.get('file', TOWER_FILE)} is missing")
     return cfg
+
+
+def weight_files(folder: Path, cfg: dict) -> list[Path]:
+    """The weight files a checkpoint's config uses (heads, and fine-tuned tower blocks if any)."""
+    tuned = cfg.get("image_tower_tuned")
+    return [folder / WEIGHTS_FILE] + ([folder / tuned.get("file", TOWER_FILE)] if tuned else [])
+
+
+def load_tuned_tower(tower: Any, folder: Path, cfg: dict) -> None:
+    """Apply a checkpoint's fine-tuned image tower blocks (if it has any) to a freshly loaded tower."""
+    tuned = cfg.get("image_tower_tuned")
+    if not tuned:
+        return
+    from safetensors.torch import load_file
+
+    path = folder / tuned.get("file", TOWER_FILE)
+    try:
+        state = load_file(str(path))
+    except (RuntimeError, OSError) as e:
+        raise ModelUnavailableError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
+    tower.load_tuned(state)
 
 
 def load_heads(folder: str | os.PathLike, cfg: dict | None = None, device: str = "cpu"):
@@ -179,12 +222,15 @@ class DualEncoder(Encoder):
         cfg = read_config(folder)
         self.spec, self.device, self.config = spec, device, cfg
         self.image_tower = load_image_tower(cfg["image_tower"], device)
+        load_tuned_tower(self.image_tower, folder, cfg)
         self.text_tower = load_text_tower(cfg["text_tower"], device)
         self.heads = load_heads(folder, cfg, device)
         self.dim = int(cfg["dim"])
         self.image_size = int(self.image_tower.image_size)
         self.logit_scale = float(self.heads.scale().item())
-        self._weights_hash = _file_hash(folder / WEIGHTS_FILE)
+        self._weights_hash = _files_hash(weight_files(folder, cfg))
+        #: what `+int8` quantizes: an EfficientNet's convolutions stay fp32 (see encoders/onnx.py)
+        self.int8_op_types = ("MatMul", "Gemm") if cfg["image_tower"].startswith("efficientnet") else None
         if device.startswith("cuda"):
             self.image_batch_size = 128
 
@@ -207,12 +253,21 @@ class DualEncoder(Encoder):
         with torch.no_grad():
             return l2_normalize(self.heads.text(self.text_tower.features(texts)))
 
+    def image_module(self) -> torch.nn.Module:
+        """One module from a preprocessed NCHW batch to normalized embeddings (for ONNX export):
+        the tower network, its derive step (ConSE) and the image head; shares their weights."""
+        from .nets import Embedder
 
-def _file_hash(path: Path) -> str:
+        return Embedder(self.image_tower.module(), self.heads.image)
+
+
+def _files_hash(paths: list[Path]) -> str:
+    """Hash of the files' contents (for one file, the hash of that file alone)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:12]
 
 

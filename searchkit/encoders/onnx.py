@@ -8,6 +8,9 @@ cold `searchkit query` loads a few hundred MB of text tower and never imports to
 
 `SPEC+int8`: the image tower exported to ONNX, dynamically quantized to int8 (int8 weights,
 activations quantized per batch) and run by onnxruntime; texts go through the base encoder.
+A base encoder may name the op types to quantize (`int8_op_types`): convolutional towers quantize
+only their fully connected layers, because onnxruntime's dynamic int8 convolutions (ConvInteger)
+are both slower than its fp32 ones and far off (EfficientNet-Lite0: cosine 0.90 to fp32).
 Exports are cached under `$SEARCHKIT_CACHE` (default ~/.cache/searchkit).
 """
 
@@ -198,7 +201,10 @@ class Int8ImageEncoder(Encoder):
         self.dim, self.image_size, self.logit_scale = base.dim, base.image_size, base.logit_scale
         self.image_batch_size, self.text_batch_size = base.image_batch_size, base.text_batch_size
         self.device = "cpu"
-        key = hashlib.sha256(base.fingerprint.encode()).hexdigest()[:16]
+        #: ONNX op types to quantize (None: all that onnxruntime can); the base encoder may narrow it
+        self.op_types = getattr(base, "int8_op_types", None)
+        ident = base.fingerprint + (f"|int8:{','.join(self.op_types)}" if self.op_types else "")
+        key = hashlib.sha256(ident.encode()).hexdigest()[:16]
         path = cache_dir() / "onnx" / key / "image.int8.onnx"
         if not path.exists():
             self._build(path)
@@ -215,7 +221,10 @@ class Int8ImageEncoder(Encoder):
             fp32 = Path(tmp) / "image.onnx"
             example = torch.zeros(2, 3, self.image_size, self.image_size)
             _export(self.base.image_module().cpu().eval(), example, fp32, "pixels", {0: ("batch", 1, 4096)})
-            quantize_dynamic(str(fp32), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(
+                str(fp32), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+                op_types_to_quantize=list(self.op_types) if self.op_types else None,
+            )
             os.replace(Path(tmp) / "q.onnx", path)
         self.base.image_module().to(self.base.device)
 

