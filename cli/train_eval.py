@@ -46,11 +46,18 @@ def train_cmd(
     patience: int = typer.Option(6, "--patience", min=1, help="Stop after this many epochs without a better validation mean recall."),
     temperature: float = typer.Option(0.07, "--temperature", help="Initial softmax temperature (learned)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (splits, batches, init)."),
+    unfreeze_image_blocks: int = typer.Option(
+        0, "--unfreeze-image-blocks", min=0,
+        help="Fine-tune the image tower's last N blocks (EfficientNet blocks or ViT layers) with the heads; "
+        "their input activations are cached once. 0: frozen towers.",
+    ),
+    tower_lr_scale: float = typer.Option(0.1, "--tower-lr-scale", min=0.0, help="Learning rate of unfrozen tower blocks, as a fraction of --lr."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device. [default: cuda when present, else cpu]"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Tower feature cache. [default: $SEARCHKIT_CACHE/features or ~/.cache/searchkit/features]"),
     json_out: bool = JsonOpt,
 ):
-    """Train projection heads on frozen towers (CLIP-style) and write a checkpoint folder."""
+    """Train projection heads on frozen towers (CLIP-style), optionally fine-tuning the image tower's
+    last blocks, and write a checkpoint folder."""
     from .main import _print_json, _stderr, _table
     from searchkit.train import TrainConfig, train
 
@@ -67,6 +74,8 @@ def train_cmd(
         patience=patience,
         init_temperature=temperature,
         seed=seed,
+        unfreeze_image_blocks=unfreeze_image_blocks,
+        tower_lr_scale=tower_lr_scale,
     )
     result = train(
         captions,

@@ -86,6 +86,18 @@ class TowerCut:
         return {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items() if self.owns(k)}
 
 
+class TailFeatures(nn.Module):
+    """Cut activations to tower features: the trained tail, then the tower's derive step (if any)."""
+
+    def __init__(self, tail: nn.Module, derive: nn.Module | None):
+        super().__init__()
+        self.tail = tail
+        self.derive = derive if derive is not None else nn.Identity()
+
+    def forward(self, acts: torch.Tensor) -> torch.Tensor:
+        return self.derive(self.tail(acts))
+
+
 def _check_blocks(n: int, available: int, what: str) -> None:
     if not 1 <= n <= available:
         raise UsageError(f"cannot unfreeze {n} blocks of {what}: it has {available} (use 1..{available})")

@@ -1,7 +1,11 @@
-"""CLIP-style training of projection heads on frozen tower features.
+"""CLIP-style training of projection heads on frozen tower features, optionally with the image
+tower's last blocks fine-tuned.
 
 Tower features are computed once (and cached, see `features`), so an epoch is a few matrix
-products. Loss: symmetric InfoNCE with a learnable temperature. Each epoch visits every caption
+products. With `unfreeze_image_blocks = N` the image side caches the activations at the input of
+the tower's last N blocks instead, and every step runs those blocks (and the pooling and ConSE
+steps after them) with gradients; they learn at `tower_lr_scale` times the heads' learning rate,
+and the checkpoint carries their weights. The text tower always stays frozen (cached features). Loss: symmetric InfoNCE with a learnable temperature. Each epoch visits every caption
 once; batches never hold two captions of the same image (they would be false negatives). After
 every epoch the heads are scored on the validation images (Recall@1/5/10 both ways); the best
 epoch's heads are kept, and training stops after `patience` epochs without improvement.
@@ -23,7 +27,7 @@ from ..encoders.towers import MINILM, load_image_tower, load_text_tower
 from ..errors import UsageError
 from ..evaluate import retrieval_recall
 from .data import PairSet, read_pairs, split_images
-from .features import image_features, text_features
+from .features import cut_activations, image_features, text_features
 
 LOG = logging.getLogger(__name__)
 
@@ -44,6 +48,12 @@ class TrainConfig:
     patience: int = 6
     init_temperature: float = 0.07
     seed: int = 0
+    unfreeze_image_blocks: int = 0  # fine-tune the image tower's last N blocks; 0 = frozen towers
+    tower_lr_scale: float = 0.1  # learning rate of the unfrozen blocks, as a fraction of `lr`
+
+
+#: AdamW weight decay of unfrozen tower blocks (pretrained weights: decay gently)
+TOWER_WEIGHT_DECAY = 0.01
 
 
 @dataclass
@@ -108,6 +118,14 @@ def symmetric_infonce(img, txt, scale):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+def _features(module, inputs, device: str, batch: int = 256):
+    """`module` over `inputs` in chunks without gradients (a CPU tensor)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([module(inputs[i : i + batch].to(device)).float().cpu() for i in range(0, len(inputs), batch)])
+
+
 def _embed(head, feats, device: str, batch: int = 4096) -> np.ndarray:
     import torch
     import torch.nn.functional as F
@@ -129,11 +147,15 @@ def fit_heads(
     device: str = "cpu",
     progress: bool = False,
     on_best: Callable[[object, int, dict], None] | None = None,
+    image_tail=None,
 ):
     """Train heads on features. `val` is (val image feats, val text feats, val caption_image).
 
-    Returns (best heads, best epoch, best validation metrics, history, per-step losses).
-    `on_best(heads, epoch, metrics)` is called whenever validation improves.
+    With `image_tail` (a module from cut activations to image tower features, whose parameters
+    that require gradients are trained too), `image_feats` and `val[0]` are cut activations.
+    Returns (best heads, best epoch, best validation metrics, history, per-step losses); the
+    tail, if any, is left holding its best epoch's weights. `on_best(heads, epoch, metrics)` is
+    called whenever validation improves (the tail then holds that epoch's weights).
     """
     import copy
 
@@ -144,37 +166,57 @@ def fit_heads(
         raise UsageError("need at least two training captions")
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
+    img_t, txt_t = torch.from_numpy(image_feats), torch.from_numpy(text_feats)
+    val_img, val_txt = torch.from_numpy(val[0]), torch.from_numpy(val[1])
+    tail_params: dict = {}
+    if image_tail is not None:
+        image_tail = image_tail.to(device).eval()
+        tail_params = {n: p for n, p in image_tail.named_parameters() if p.requires_grad}
+        if not tail_params:
+            raise UsageError("the image tower tail has no trainable weights")
+    start_feats = _features(image_tail, img_t, device) if image_tail is not None else img_t
     heads = build_heads(
-        HeadSpec(image_feats.shape[1], config.dim, config.hidden, config.dropout),
+        HeadSpec(start_feats.shape[1], config.dim, config.hidden, config.dropout),
         HeadSpec(text_feats.shape[1], config.dim, config.hidden, config.dropout),
         init_logit_scale=1.0 / config.init_temperature,
     )
-    img_t, txt_t = torch.from_numpy(image_feats), torch.from_numpy(text_feats)
-    heads.image.set_stats(img_t)
+    heads.image.set_stats(start_feats)
     heads.text.set_stats(txt_t)
+    del start_feats
     heads = heads.to(device)
     img_t, txt_t = img_t.to(device), txt_t.to(device)
     cap_img = torch.from_numpy(caption_image).to(device)
-    val_img, val_txt = torch.from_numpy(val[0]), torch.from_numpy(val[1])
 
-    opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    def image_batch(idx):
+        x = img_t[idx]
+        return image_tail(x) if image_tail is not None else x
+
+    groups = [{"params": list(heads.parameters()), "lr": config.lr, "weight_decay": config.weight_decay}]
+    if tail_params:
+        groups.append({
+            "params": list(tail_params.values()), "lr": config.lr * config.tower_lr_scale,
+            "weight_decay": TOWER_WEIGHT_DECAY,
+        })
+    opt = torch.optim.AdamW(groups)
     first = distinct_image_batches(caption_image, config.batch_size, rng)
     total_steps = config.epochs * len(first)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.lr, total_steps=max(total_steps, 1), pct_start=0.1, anneal_strategy="cos"
+        opt, max_lr=[g["lr"] for g in groups], total_steps=max(total_steps, 1), pct_start=0.1, anneal_strategy="cos"
     )
     history: list[EpochStats] = []
     step_losses: list[float] = []
-    best, best_epoch, best_state, stale = None, 0, None, 0
+    best, best_epoch, best_state, best_tail, stale = None, 0, None, None, 0
     bar = tqdm(range(1, config.epochs + 1), desc="training", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
         heads.train()
+        if image_tail is not None:
+            image_tail.train()
         batches = first if epoch == 1 else distinct_image_batches(caption_image, config.batch_size, rng)
         losses = []
         for b in batches:
             b = torch.from_numpy(b).to(device)
-            loss = symmetric_infonce(heads.image(img_t[cap_img[b]]), heads.text(txt_t[b]), heads.scale())
+            loss = symmetric_infonce(heads.image(image_batch(cap_img[b])), heads.text(txt_t[b]), heads.scale())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -183,7 +225,10 @@ def fit_heads(
             losses.append(float(loss.item()))
         step_losses.extend(losses)
         heads.eval()
-        metrics = retrieval_recall(_embed(heads.image, val_img, device), _embed(heads.text, val_txt, device), val[2])
+        val_feats = val_img
+        if image_tail is not None:
+            val_feats = _features(image_tail.eval(), val_img, device)
+        metrics = retrieval_recall(_embed(heads.image, val_feats, device), _embed(heads.text, val_txt, device), val[2])
         stats = EpochStats(epoch, float(np.mean(losses)), metrics, float(1.0 / heads.scale().item()), time.perf_counter() - t0)
         history.append(stats)
         LOG.info(
@@ -194,6 +239,7 @@ def fit_heads(
         if best is None or metrics["mean"] > best["mean"]:
             best, best_epoch, stale = metrics, epoch, 0
             best_state = copy.deepcopy(heads.state_dict())
+            best_tail = {n: p.detach().clone() for n, p in tail_params.items()}
             if on_best is not None:
                 on_best(heads, epoch, metrics)
         else:
@@ -203,6 +249,11 @@ def fit_heads(
                 break
     bar.close()
     heads.load_state_dict(best_state)
+    with torch.no_grad():
+        for n, p in tail_params.items():
+            p.copy_(best_tail[n])
+    if image_tail is not None:
+        image_tail.eval()
     return heads.eval(), best_epoch, best, history, step_losses
 
 
@@ -222,8 +273,9 @@ def train(
 ) -> TrainResult:
     """Train projection heads on image–caption pairs and write a checkpoint folder.
 
-    The folder (`out_dir`) gets config.json + heads.safetensors of the best validation epoch
-    (usable as `--model out_dir` / `get_encoder(out_dir)`), history.json, and training.png.
+    The folder (`out_dir`) gets config.json + heads.safetensors (+ image_tower.safetensors when
+    tower blocks were fine-tuned) of the best validation epoch (usable as `--model out_dir` /
+    `get_encoder(out_dir)`), history.json, and training.png.
     """
     from ..encoders.base import default_device
 
@@ -235,7 +287,17 @@ def train(
     )
     image_tower = load_image_tower(config.image_tower, device)
     text_tower = load_text_tower(config.text_tower, device)
-    img_feats, ok = image_features(image_tower, pairs.paths, cache_dir=cache_dir, progress=progress)
+    cut, image_tail = None, None
+    if config.unfreeze_image_blocks:
+        from ..encoders.nets import TailFeatures
+
+        cut = image_tower.cut(config.unfreeze_image_blocks)
+        img_feats, ok = cut_activations(image_tower, cut, pairs.paths, cache_dir=cache_dir, progress=progress)
+        for name, param in cut.network.named_parameters():
+            param.requires_grad_(cut.owns(name))
+        image_tail = TailFeatures(cut.tail, image_tower.derive_module())
+    else:
+        img_feats, ok = image_features(image_tower, pairs.paths, cache_dir=cache_dir, progress=progress)
     txt_feats = text_features(text_tower, pairs.captions, cache_dir=cache_dir, progress=progress)
     train_img, val_img = train_img[ok[train_img]], val_img[ok[val_img]]
 
@@ -256,11 +318,13 @@ def train(
             "val_images": int(len(val_img)),
         },
     }
+    if cut is not None:
+        ckpt_config["image_tower_tuned"] = {"blocks": cut.blocks}
 
     def write(heads, epoch: int, metrics: dict) -> None:
         cfg = {**ckpt_config, **head_config(_spec(heads.image, config), _spec(heads.text, config))}
         cfg["training"] = {**cfg["training"], "best_epoch": epoch, "val": metrics}
-        save_checkpoint(out, heads, cfg)
+        save_checkpoint(out, heads, cfg, cut.tail_state() if cut is not None else None)
 
     heads, best_epoch, best, history, step_losses = fit_heads(
         img_feats[train_img],
@@ -271,6 +335,7 @@ def train(
         device=device,
         progress=progress,
         on_best=write,
+        image_tail=image_tail,
     )
     result = TrainResult(out, best_epoch, best, history, step_losses)
     import json

@@ -1,5 +1,8 @@
 """Tower features computed once and cached on disk, so head training costs seconds an epoch.
 
+For partial fine-tuning the cached thing is the frozen trunk's output instead: the activations at
+the input of the tower's last N blocks (`cut_activations`), so an epoch runs only those blocks.
+
 A cache entry is one `.npz` file (features plus a row mask of the inputs that could be read)
 named by the tower spec and a hash of everything that determines it: the tower, the feature
 code's version and the inputs (image paths with their size and mtime, or the texts themselves).
@@ -13,14 +16,18 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..encoders.towers import ImageTower, TextTower
-from ..errors import DecodeError
+from ..errors import DecodeError, InputError
+
+if TYPE_CHECKING:
+    from ..encoders.nets import TowerCut
 
 LOG = logging.getLogger(__name__)
 
@@ -76,17 +83,72 @@ def image_features(
     The tower's raw output is what is cached (under its `cache_spec`); `tower.derive` is applied
     on the way out.
     """
+    raw, ok = _cached_image_pass(
+        tower, tower.cache_spec, tower.raw_features, paths,
+        cache_dir=cache_dir, batch_size=batch_size, workers=workers, progress=progress,
+    )
+    if raw is None:
+        return np.zeros((len(paths), tower.dim), dtype=np.float32), ok
+    return _derive(tower, raw), ok
+
+
+def cut_activations(
+    tower: ImageTower,
+    cut: TowerCut,
+    paths: Sequence[str | os.PathLike],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(activations (n, ...) float32 at the input of the tower's last `cut.blocks` blocks, ok (n,)).
+
+    Cached like `image_features`, under the tower's `cache_spec` and the cut (the pretrained trunk
+    is all they depend on). Unreadable rows are zero; InputError when no image can be read.
+    """
+    import torch
+
+    def trunk(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return cut.trunk(batch.to(tower.device)).float()
+
+    acts, ok = _cached_image_pass(
+        tower, f"{tower.cache_spec}@last{cut.blocks}", trunk, paths,
+        cache_dir=cache_dir, batch_size=batch_size, workers=workers, progress=progress,
+    )
+    if acts is None:
+        raise InputError(f"none of the {len(paths)} images could be read")
+    return acts, ok
+
+
+def _cached_image_pass(
+    tower: ImageTower,
+    cache_spec: str,
+    fn: Callable,
+    paths: Sequence[str | os.PathLike],
+    *,
+    cache_dir: str | os.PathLike | None,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """`fn` (a preprocessed batch -> a tensor per image) over image files, cached under `cache_spec`.
+
+    Returns (outputs (n, ...) float32, ok); outputs is None when no image could be read (then
+    nothing is cached).
+    """
     import torch
 
     from ..images import load_image
 
     paths = [os.path.abspath(p) for p in paths]
     payload = [(p, *_stat(p)) for p in paths]
-    entry = _entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), tower.cache_spec, "image", payload)
+    entry = _entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), cache_spec, "image", payload)
     cached = _load(entry) if entry.exists() else None
     if cached is not None and len(cached[0]) == len(paths):
         LOG.info("image features of %d files from cache %s", len(paths), entry)
-        return _derive(tower, cached[0]), cached[1]
+        return cached
 
     def prepare(path: str):
         try:
@@ -97,23 +159,21 @@ def image_features(
 
     feats: np.ndarray | None = None
     ok = np.zeros(len(paths), dtype=bool)
-    with ThreadPoolExecutor(max(1, workers)) as pool, _bar(len(paths), f"{tower.cache_spec} images", progress) as bar:
+    with ThreadPoolExecutor(max(1, workers)) as pool, _bar(len(paths), f"{cache_spec} images", progress) as bar:
         for start in range(0, len(paths), batch_size):
             tensors = list(pool.map(prepare, paths[start : start + batch_size]))
             rows = [i for i, t in enumerate(tensors) if t is not None]
             if rows:
-                out = tower.raw_features(torch.stack([tensors[i] for i in rows])).cpu().numpy()
+                out = fn(torch.stack([tensors[i] for i in rows])).cpu().numpy()
                 if feats is None:
-                    feats = np.zeros((len(paths), out.shape[1]), dtype=np.float32)
+                    feats = np.zeros((len(paths), *out.shape[1:]), dtype=np.float32)
                 idx = np.asarray(rows) + start
                 feats[idx] = out
                 ok[idx] = True
             bar.update(len(tensors))
-    if feats is None:
-        feats = np.zeros((len(paths), tower.dim), dtype=np.float32)
-        return feats, ok  # nothing readable: not worth caching
-    _save(entry, feats, ok)
-    return _derive(tower, feats), ok
+    if feats is not None:
+        _save(entry, feats, ok)
+    return feats, ok
 
 
 def _derive(tower: ImageTower, raw: np.ndarray) -> np.ndarray:
