@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1000, help="held-out synthetic queries (half tune, half measure)")
     ap.add_argument("--max-memory", default="1G", help="budget for the auto choice (the 'chosen' index)")
-    ap.add_argument("--kinds", default="flat,ivf-pq,hnsw")
+    ap.add_argument("--kinds", default="flat,ivf-pq,hnsw", help="any of flat, ivf-pq, hnsw, ivf-pq-disk (lists on disk, memory-mapped)")
     ap.add_argument("--hnsw-n", type=int, default=0, help="build HNSW on the first N vectors only (0: all)")
     ap.add_argument("--real-images", type=int, default=2000, help="Flickr8k images embedded with mini and mixed in")
     ap.add_argument("--text-queries", type=int, default=1000)
@@ -218,6 +218,7 @@ def main() -> None:
     from searchkit.filters import parse_size
 
     budget = parse_size(args.max_memory)
+    workdir = Path(tempfile.mkdtemp(prefix="searchkit-ann-"))  # on-disk lists live here
     d = args.dim
     t0 = time.perf_counter()
     if args.no_real:
@@ -284,8 +285,9 @@ def main() -> None:
     for kind in kinds:
         gc.collect()
         n_k = args.hnsw_n if kind == "hnsw" and args.hnsw_n else args.n
-        if kind == "ivf-pq":
+        if kind in ("ivf-pq", "ivf-pq-disk"):
             p = plan if plan.kind == "ivf-pq" else V.plan_index(n_k, d, "ivf-pq", None)
+            p = V.Plan(p.kind, {**p.params, "on_disk": kind == "ivf-pq-disk"}, p.memory, p.reason)
         elif kind == "hnsw":
             p = V.plan_index(n_k, d, "hnsw", 1 << 50)
         else:
@@ -298,7 +300,10 @@ def main() -> None:
 
         LOG.info("building %s on %d vectors", kind, n_k)
         t = time.perf_counter()
-        vec = V.build(p, d, kchunks, sample=lambda m, n_k=n_k: xb[np.sort(np.random.default_rng(1).choice(n_k, min(m, n_k), replace=False))], fetch=fetch)
+        vec = V.build(
+            p, d, kchunks, sample=lambda m, n_k=n_k: xb[np.sort(np.random.default_rng(1).choice(n_k, min(m, n_k), replace=False))],
+            fetch=fetch, folder=workdir, name=kind,
+        )
         build_s = time.perf_counter() - t
         with tempfile.TemporaryDirectory() as tmp:
             f = Path(tmp) / "v.faiss"
@@ -311,6 +316,8 @@ def main() -> None:
             "memory_mb": round(vec.memory_bytes() / 2**20, 1),
             "file_mb": round(file_bytes / 2**20, 1),
         }
+        if vec.data_file() is not None:
+            row["data_file_mb"] = round(vec.data_file().stat().st_size / 2**20, 1)
         if kind == "ivf-pq":
             row["mb_per_million"] = round(file_bytes / 2**20 / (n_k / 1e6), 1)
             row["params"] = {k: v for k, v in vec.params.items()}
@@ -337,6 +344,9 @@ def main() -> None:
         out["indexes"][kind] = row
         LOG.info("%s: %s", kind, json.dumps(row))
         del vec
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
     out["rerank_fetch_sqlite_ms_p50"] = sqlite_fetch_ms(xb)
     chosen = out["indexes"].get(plan.kind, {})
     ivf = out["indexes"].get("ivf-pq", {})

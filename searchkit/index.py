@@ -207,7 +207,9 @@ class Index:
         self._plan_all(self.vector_settings(), counts)
 
     def _fetch(self, ids) -> np.ndarray:
-        return self.store.vectors_by_ids(ids, self.dim)
+        # missing_ok: a reader's on-disk index left behind by a killed run may still name
+        # items meta.db no longer has; they score 0 here and are dropped from the results
+        return self.store.vectors_by_ids(ids, self.dim, missing_ok=True)
 
     def vectors(self, kind: str):
         """The vector index of one kind, in step with meta.db.
@@ -285,7 +287,12 @@ class Index:
             return plan_index(n, self.dim, "auto", None)
 
     def _reconcile(self, kind: str, vec) -> None:
-        """Bring `vec` in step with meta.db by id: add the missing items, remove the vanished."""
+        """Bring `vec` in step with meta.db by id: add the missing items, remove the vanished.
+        A reader leaves on-disk lists alone (catching up would copy their file): it searches
+        them as they are, and the next `index` run catches up."""
+        if vec.data_file() is not None and not self.writable:
+            LOG.warning("%s index is behind %s (a run was interrupted); run `searchkit index` again to catch up", kind, META_DB)
+            return
         db_ids = self.store.item_ids(kind)
         have = vec.ids()
         gone = np.setdiff1d(have, db_ids, assume_unique=True)
@@ -316,6 +323,8 @@ class Index:
             lambda: self.store.iter_vectors(kind, self.dim),
             sample=lambda n: self._sample(kind, n),
             fetch=self._fetch,
+            folder=self.path,
+            name=kind,
         )
         s = self.vector_settings()
         vec.info = {
@@ -397,8 +406,9 @@ class Index:
                 s["requested"], s["max_memory"]
             )
             why = None
-            if vec.kind != plan.kind and (vec.kind == "flat" or changed):
-                why = f"{vec.kind} -> {plan.kind} ({plan.reason})"
+            where = (vec.kind, bool(vec.params.get("on_disk"))) != (plan.kind, bool(plan.params.get("on_disk")))
+            if where and (vec.kind == "flat" or changed):
+                why = f"{vec.describe()} -> {plan.kind}{' on disk' if plan.params.get('on_disk') else ''} ({plan.reason})"
             elif vec.kind == "ivf-pq" and n >= RETRAIN_GROWTH * max(1, int(vec.params.get("built_count") or n)):
                 why = f"retrain: grew from {vec.params.get('built_count')} to {n} vectors"
             elif vec.kind == "hnsw" and vec.tombstones > TOMBSTONE_REBUILD * max(1, vec.index.ntotal):
@@ -432,6 +442,10 @@ class Index:
             entry["recall"] = {"k": 10, "recall": 1.0, "exact": True}
         if vec.kind == "hnsw":
             entry["tombstones"] = vec.tombstones
+        data = vec.data_file()
+        if data is not None:
+            entry["data_file"] = data.name
+            entry["data_bytes"] = data.stat().st_size if data.exists() else None
         if generation is not None:
             entry["generation"] = generation
         if file.exists():
@@ -447,6 +461,16 @@ class Index:
             if vec.dirty or not file.exists():
                 vec.save(file)
         self._write_manifest({k: self._vectors_generation[k] for k in KINDS})
+        self._remove_unused_data_files()
+
+    def _remove_unused_data_files(self) -> None:
+        """Delete on-disk list files (<kind>.*.ivfdata) that no saved .faiss points at any more:
+        the previous file after a copy on write or a rebuild, or what a killed run left."""
+        for kind in KINDS:
+            data = self._vectors[kind].data_file() if kind in self._vectors else None
+            for f in self.path.glob(f"{kind}.*.ivfdata"):
+                if data is None or f.name != data.name:
+                    f.unlink(missing_ok=True)
 
     def read_manifest(self) -> dict | None:
         import json

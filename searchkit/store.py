@@ -195,8 +195,9 @@ class Store:
         cur = self.db.execute("SELECT id FROM items WHERE kind = ? ORDER BY id", [kind])
         return np.fromiter((r[0] for r in cur), dtype=np.int64)
 
-    def vectors_by_ids(self, ids: Iterable[int], dim: int) -> np.ndarray:
-        """The stored embeddings of `ids`, in that order (float32, (n, dim)); KeyError if one is missing."""
+    def vectors_by_ids(self, ids: Iterable[int], dim: int, *, missing_ok: bool = False) -> np.ndarray:
+        """The stored embeddings of `ids`, in that order (float32, (n, dim)); KeyError if one is
+        missing, or (missing_ok) a zero row for it."""
         ids = [int(i) for i in ids]
         found: dict[int, bytes] = {}
         for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
@@ -205,6 +206,9 @@ class Store:
             found.update(self.db.execute(f"SELECT id, vector FROM items WHERE id IN ({marks})", part).fetchall())
         if not ids:
             return np.zeros((0, dim), dtype=np.float32)
+        if missing_ok and len(found) < len(set(ids)):
+            zero = bytes(4 * dim)
+            return np.frombuffer(b"".join(found.get(i, zero) for i in ids), dtype=np.float32).reshape(len(ids), dim)
         return np.frombuffer(b"".join(found[i] for i in ids), dtype=np.float32).reshape(len(ids), dim)
 
     def matching_ids(self, kind: str, where_sql: str, params: list) -> np.ndarray:

@@ -18,6 +18,12 @@ Kinds
           Candidates (k x rerank) are re-scored exactly from meta.db, so scores are true
           cosines. OPQ is kept when it lowers the quantization error on held-out training
           vectors (it usually does for CLIP-like embeddings), dropped otherwise.
+          On disk (params on_disk): when even the smallest in-memory IVF-PQ exceeds the budget,
+          the codes are added in shards of ONDISK_SHARD vectors, merged into one
+          `<kind>.<token>.ivfdata` file (FAISS OnDiskInvertedLists) and memory-mapped, so only
+          the centroids and code books stay resident: an index larger than RAM can be served.
+          The .ivfdata file is never changed in place: a writer copies it first (copy on
+          write), so a kill leaves the previous .faiss + .ivfdata pair intact.
 
 `plan_index` chooses a kind and its parameters from the vector count and a memory budget;
 `tune` measures recall@10 against exact search and picks the cheapest search parameters
@@ -26,9 +32,12 @@ Kinds
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -63,6 +72,8 @@ HNSW_EF_CONSTRUCTION = 40
 KMEANS_ITERATIONS = 10
 #: OPQ is used when at least this share of the covariance energy lies across PQ blocks
 OPQ_MIN_CROSS_ENERGY = 0.3
+#: on-disk IVF-PQ builds add this many vectors per shard (in memory) before merging on disk
+ONDISK_SHARD = 1_000_000
 #: a filter matching fewer ids than this (or than 2% of the index) is answered exactly over
 #: the matches instead of through the approximate structure
 EXACT_FILTER_MAX = 20_000
@@ -120,11 +131,13 @@ def hnsw_bytes(n: int, dim: int, M: int = HNSW_M) -> int:
 
 
 def ivf_pq_bytes(n: int, dim: int, params: dict) -> int:
+    """Resident bytes: centroids, code books, OPQ matrix, list headers, and the codes + ids
+    unless they live on disk (memory-mapped: the page cache holds what queries touch)."""
     d_pq = params.get("d_pq", dim)
     fixed = params["nlist"] * (d_pq * 4 + 48) + (1 << params.get("nbits", 8)) * d_pq * 4
     if params.get("opq", True):
         fixed += dim * d_pq * 4
-    return int(n * (params["m"] + 8) + fixed)
+    return int(fixed if params.get("on_disk") else n * (params["m"] + 8) + fixed)
 
 
 def estimate_bytes(kind: str, n: int, dim: int, params: dict | None = None) -> int:
@@ -212,11 +225,15 @@ def plan_index(n: int, dim: int, requested: str = "auto", budget: int | None = N
         if ivf is not None:
             why = "auto: the faster kinds do not fit the memory budget"
             options.append(Plan("ivf-pq", ivf, ivf_pq_bytes(n, dim, ivf), why))
+    if requested in ("auto", "ivf-pq") and ivf is not None:
+        # last resort: the codes on disk, memory-mapped (as many bytes per code as in RAM at best)
+        disk = {**ivf_pq_params(n, dim, None), "on_disk": True}
+        options.append(Plan("ivf-pq", disk, ivf_pq_bytes(n, dim, disk), "codes on disk (memory-mapped): the in-memory kinds do not fit the memory budget"))
     for p in options:
         if p.memory <= limit:
             return p
     for p in options:
-        minimal.append(ivf_pq_bytes(n, dim, ivf_min) if p.kind == "ivf-pq" and ivf_min else p.memory)
+        minimal.append(ivf_pq_bytes(n, dim, {**ivf_min, "on_disk": p.params.get("on_disk")}) if p.kind == "ivf-pq" and ivf_min else p.memory)
     need = min(minimal)
     raise BudgetError(
         f"no {'vector index' if requested == 'auto' else requested + ' index'} of {n:,} vectors of dimension {dim} "
@@ -244,6 +261,37 @@ class _threads:
     def __exit__(self, *exc):
         if self.single:
             _faiss().omp_set_num_threads(self.before)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence FAISS' C++ printf()s (on-disk lists report resizes and relocations on stdout,
+    which would corrupt `--json` output): fd 1 goes to /dev/null for the duration."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real stdout (e.g. captured by a test runner)
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_ivfdata(folder: Path, name: str) -> Path:
+    return folder / f"{name}.{time.time_ns():x}.ivfdata"
 
 
 # -- selectors ----------------------------------------------------------------------------------
@@ -398,13 +446,12 @@ class Vectors:
         self._store_search_params()
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        data = self.data_file()
+        if data is not None:  # the codes the new .faiss will point at reach the disk first
+            _fsync(data)
         try:
             faiss.write_index(self.index, str(tmp))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(tmp)
             os.replace(tmp, path)
         finally:
             if tmp.exists():
@@ -415,13 +462,20 @@ class Vectors:
     def _store_search_params(self) -> None:
         """Put the tuned search parameters into the FAISS structure, so the file carries them."""
 
+    def data_file(self) -> Path | None:
+        """The file outside the .faiss that holds this index's data (on-disk IVF lists), if any."""
+        return None
+
     @staticmethod
     def load(path: str | Path, dim: int, *, mmap: bool = False, fetch: Fetch | None = None) -> Vectors:
         """Read any kind back (the kind is recognised from the FAISS structure). `mmap`:
         memory-map IVF inverted lists (read-only, for serving indexes larger than RAM)."""
         faiss = _faiss()
         try:
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+            with _quiet_stdout():  # on-disk lists print their new location when a bundle moved
+                index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap else 0))
+                if mmap and _on_disk_lists(index):  # mapped already; IO_FLAG_MMAP on them crashes searches
+                    index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
         except RuntimeError as e:
             raise CorruptIndexError(f"cannot read vector index {path}: {str(e).splitlines()[0]}") from e
         if index.d != dim:
@@ -437,6 +491,23 @@ class Vectors:
     @classmethod
     def wrap(cls, dim: int, index) -> Vectors:
         return cls(dim, index)
+
+
+def _on_disk_lists(index) -> bool:
+    faiss = _faiss()
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return False
+    return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+def _no_prefetch(index) -> None:
+    """On-disk lists prefetch the probed lists with a pool of threads per query: 2.7 ms p50
+    instead of 0.05 ms on a warm page cache (measured, 20k x 32-d, nprobe 16). The kernel's
+    read-ahead on the memory map does that job; turn it off."""
+    if _on_disk_lists(index):
+        _faiss().downcast_InvertedLists(_faiss().extract_index_ivf(index).invlists).prefetch_nthread = 0
 
 
 def _kind_of(index) -> type[Vectors] | None:
@@ -603,6 +674,7 @@ class IVFPQVectors(Vectors):
     def __init__(self, dim: int, index=None, params=None, search_params=None, fetch=None):
         if index is None:
             index = self._create(dim, params or {})
+        _no_prefetch(index)
         super().__init__(dim, index, params, search_params, fetch)
 
     @staticmethod
@@ -636,6 +708,8 @@ class IVFPQVectors(Vectors):
             "nlist": int(ivf.nlist), "m": int(ivf.pq.M), "nbits": int(ivf.pq.nbits), "d_pq": int(ivf.d),
             "opq": isinstance(index, faiss.IndexPreTransform),
         }
+        if _on_disk_lists(index):
+            params["on_disk"] = True
         return cls(dim, index, params, {"nprobe": int(ivf.nprobe)})
 
     def default_search_params(self) -> dict:
@@ -655,19 +729,46 @@ class IVFPQVectors(Vectors):
     def describe(self) -> str:
         p = self.params
         opq = f"OPQ{p['m']}_{p.get('d_pq', self.dim)}," if p.get("opq") is True else ""
-        return f"{opq}IVF{p['nlist']},PQ{p['m']}x{p.get('nbits', 8)}"
+        return f"{opq}IVF{p['nlist']},PQ{p['m']}x{p.get('nbits', 8)}" + (" (lists on disk)" if p.get("on_disk") else "")
+
+    def data_file(self) -> Path | None:
+        lists = _faiss().downcast_InvertedLists(self._ivf().invlists)
+        return Path(lists.filename) if isinstance(lists, _faiss().OnDiskInvertedLists) else None
 
     def add(self, ids, vectors) -> None:
         self._writable()
-        super().add(ids, vectors)
+        with _quiet_stdout() if self.params.get("on_disk") else contextlib.nullcontext():
+            super().add(ids, vectors)
 
     def remove(self, ids) -> None:
         self._writable()
-        super().remove(ids)
+        with _quiet_stdout() if self.params.get("on_disk") else contextlib.nullcontext():
+            super().remove(ids)
 
     def _writable(self) -> None:
         if self.mmapped:
             raise UsageError("this vector index is memory-mapped read-only; open the bundle for writing to change it")
+        data = self.data_file()
+        if data is not None and not getattr(self, "_own_data", False):
+            self._copy_on_write(data)
+
+    def _copy_on_write(self, data: Path) -> None:
+        """Point the on-disk lists at a private copy of their file before the first change, so
+        the saved .faiss + .ivfdata pair stays intact until the new pair is saved."""
+        faiss = _faiss()
+        fresh = _new_ivfdata(data.parent, data.name.split(".")[0])
+        shutil.copyfile(data, fresh)
+        faiss.downcast_InvertedLists(self._ivf().invlists).filename = str(fresh)
+        tmp = fresh.with_suffix(".faiss.tmp")
+        try:  # re-open through a file: the lists map the copy, the old mapping is released
+            faiss.write_index(self.index, str(tmp))
+            with _quiet_stdout():
+                self.index = faiss.read_index(str(tmp), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            _no_prefetch(self.index)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._own_data = True
+        self._changed()
 
     def _changed(self) -> None:
         super()._changed()
@@ -766,10 +867,13 @@ def build(
     *,
     sample: Callable[[int], np.ndarray] | None = None,
     fetch: Fetch | None = None,
+    folder: Path | None = None,
+    name: str = "vectors",
 ) -> Vectors:
     """Build the planned index streaming: `chunks()` yields (ids, vectors) blocks (called once,
     or twice for IVF-PQ when no `sample` is given: once to draw the training sample), so the
-    embeddings never need to be in memory all at once."""
+    embeddings never need to be in memory all at once. An on-disk IVF-PQ writes its lists to
+    `folder/<name>.<token>.ivfdata`."""
     vec = create(plan.kind, dim, plan.params, fetch)
     if isinstance(vec, IVFPQVectors):
         want = int(plan.params.get("train_size") or TRAIN_PER_LIST * plan.params["nlist"])
@@ -777,11 +881,60 @@ def build(
         vec.train(sample(want) if sample is not None else reservoir_sample(chunks(), want))
         LOG.info("trained %s on %d vectors in %.1fs", vec.describe(), vec.params["trained_on"], time.perf_counter() - t)
     t = time.perf_counter()
-    for ids, x in chunks():
-        vec.add(ids, x)
+    if plan.params.get("on_disk"):
+        if folder is None:
+            raise UsageError("an on-disk vector index needs a folder for its data file")
+        _add_in_shards(vec, chunks(), Path(folder), name, int(plan.params.get("shard_size") or ONDISK_SHARD))
+    else:
+        for ids, x in chunks():
+            vec.add(ids, x)
     LOG.info("added %d vectors to %s in %.1fs", len(vec), vec.describe(), time.perf_counter() - t)
     vec.params["built_count"] = len(vec)
     return vec
+
+
+def _add_in_shards(vec: IVFPQVectors, chunks: Iterable[tuple[np.ndarray, np.ndarray]], folder: Path, name: str, shard_size: int) -> None:
+    """Fill a trained, empty IVF-PQ through shard files merged into one on-disk .ivfdata
+    (faiss.contrib.ondisk): at most `shard_size` vectors' codes are in memory at a time."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    faiss = _faiss()
+    shards: list[str] = []
+    state = {"index": None, "n": 0}
+
+    def flush() -> None:
+        if state["index"] is not None and state["n"]:
+            f = folder / f".{name}.shard{len(shards)}.{os.getpid()}.tmp"
+            faiss.write_index(state["index"], str(f))
+            shards.append(str(f))
+        state["index"], state["n"] = None, 0
+
+    try:
+        for ids, x in chunks:
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            pos = 0
+            while pos < len(ids):
+                if state["index"] is None:
+                    state["index"] = faiss.clone_index(vec.index)
+                take = min(len(ids) - pos, shard_size - state["n"])
+                with _threads(take * vec.dim * 64):
+                    state["index"].add_with_ids(x[pos : pos + take], ids[pos : pos + take])
+                pos += take
+                state["n"] += take
+                if state["n"] >= shard_size:
+                    flush()
+        flush()
+        data = _new_ivfdata(folder, name)
+        with _quiet_stdout():
+            merge_ondisk(vec.index, shards, str(data))
+        _no_prefetch(vec.index)
+        vec._own_data = True  # a new file of this build: no copy needed before changing it
+        vec.params["shards"] = len(shards)
+    finally:
+        for f in shards:
+            Path(f).unlink(missing_ok=True)
+    vec._changed()
 
 
 def reservoir_sample(chunks: Iterable[tuple[np.ndarray, np.ndarray]], n: int, seed: int = 0) -> np.ndarray:

@@ -165,6 +165,45 @@ def test_exact_knn_streams_blocks():
     np.testing.assert_allclose(Ds, Dt, atol=1e-5)
 
 
+def test_on_disk_ivf_pq_shards_merge_move_and_copy_on_write(tmp_path, capfd):
+    import hashlib
+    import shutil
+
+    plan = V.Plan("ivf-pq", {"nlist": 16, "m": 8, "nbits": 6, "opq": False, "on_disk": True, "shard_size": 1000}, 0, "test")
+    blocks = lambda: [(IDS[i : i + 700], XB[i : i + 700]) for i in range(0, N, 700)]  # noqa: E731
+    bundle = tmp_path / "a"
+    bundle.mkdir()
+    v = V.build(plan, D, blocks, sample=lambda n: XB, fetch=fetch, folder=bundle, name="image")
+    data = v.data_file()
+    assert v.params["shards"] == 3 and data.parent == bundle and data.name.startswith("image.") and data.suffix == ".ivfdata"
+    assert sorted(p.name for p in bundle.iterdir()) == [data.name]  # the shard files are gone
+    assert len(v) == N and v.memory_bytes() < N * 8  # codes are not counted as resident
+    check_against_exact(v)
+    check_against_exact(v, allowed=np.sort(IDS[::3]))
+    v.save(bundle / "image.faiss")
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    # the bundle moves: the lists are found next to the .faiss, and FAISS prints nothing
+    moved = shutil.copytree(bundle, tmp_path / "b")
+    capfd.readouterr()
+    r = V.Vectors.load(moved / "image.faiss", D, mmap=True, fetch=fetch)
+    assert r.params["on_disk"] and r.data_file().parent == moved and capfd.readouterr().out == ""
+    np.testing.assert_array_equal(r.search(XQ, 10)[1], v.search(XQ, 10)[1])
+    with pytest.raises(UsageError, match="read-only"):
+        r.remove(IDS[:1])
+    # a writer changes a private copy; the saved pair stays intact until the new one is saved
+    w = V.Vectors.load(moved / "image.faiss", D, fetch=fetch)
+    w.remove(IDS[:10])
+    w.add(np.array([10**7], np.int64), XB[:1])
+    assert w.data_file() != r.data_file() and capfd.readouterr().out == ""
+    assert hashlib.sha256((moved / data.name).read_bytes()).hexdigest() == digest
+    assert len(V.Vectors.load(moved / "image.faiss", D)) == N  # what a kill here would leave
+    w.save(moved / "image.faiss")
+    again = V.Vectors.load(moved / "image.faiss", D, fetch=fetch)
+    assert len(again) == N - 9 and again.data_file().name == w.data_file().name
+    BY_ID[10**7] = XB[0]
+    assert again.search(XB[:1], 1)[1][0, 0] in (IDS[0], 10**7)
+
+
 # -- the choice under a budget --------------------------------------------------------------------
 def test_plan_choices_and_parameters():
     assert V.plan_index(500, 512).kind == "flat"
@@ -177,6 +216,9 @@ def test_plan_choices_and_parameters():
     assert V.plan_index(3_000_000, 512, budget=2 * 1024**3).kind == "ivf-pq"
     tight = V.plan_index(1_000_000, 512, budget=40 * 1024**2)  # fewer bytes per code to fit
     assert tight.kind == "ivf-pq" and tight.params["m"] < p.params["m"] and tight.memory <= 40 * 1024**2
+    disk = V.plan_index(1_000_000, 512, budget=12 * 1024**2)  # not even IVF-PQ fits in RAM: codes on disk
+    assert disk.kind == "ivf-pq" and disk.params["on_disk"] and disk.memory <= 12 * 1024**2
+    assert disk.params["m"] == p.params["m"]  # disk is cheap: as many bytes per code as in RAM
     small = V.plan_index(2000, 512, "ivf-pq")
     assert small.kind == "flat" and "to train" in small.reason  # too few vectors: exact until then
     assert V.plan_index(2000, 512, "hnsw").kind == "hnsw"
@@ -184,9 +226,9 @@ def test_plan_choices_and_parameters():
 
 def test_budget_refused_with_the_smallest_that_works():
     with pytest.raises(BudgetError) as e:
-        V.plan_index(1_000_000, 512, budget=10 * 1024**2)
+        V.plan_index(1_000_000, 512, budget=5 * 1024**2)
     need = e.value.min_bytes
-    assert "smallest budget" in str(e.value) and need > 10 * 1024**2
+    assert "smallest budget" in str(e.value) and need > 5 * 1024**2
     assert V.plan_index(1_000_000, 512, budget=need).memory <= need  # and that one works
     with pytest.raises(BudgetError):
         V.plan_index(1000, 512, "flat", budget=1000)
@@ -313,6 +355,30 @@ def test_incremental_adds_deletes_catch_up_and_retrain(tmp_path):
         assert done and "retrain" in done[0]
         assert idx.vectors("image").params["built_count"] == len(vec)
         del x
+
+
+def test_bundle_on_disk_lists_when_ram_is_short(tmp_path, capfd):
+    synthetic_bundle("disk", 26_000)
+    with searchkit.open_index("disk", write=True) as idx:
+        out = idx.reindex("ivf-pq", max_memory="200K")  # below the smallest in-memory IVF-PQ
+    img = out["image"]
+    bundle = tmp_path / "indexes" / "disk"
+    assert img["kind"] == "ivf-pq" and img["params"]["on_disk"] and img["memory_bytes"] <= 200 * 1024
+    assert img["recall"]["recall"] >= 0.9 and (bundle / img["data_file"]).exists()
+    idx = searchkit.open_index("disk")
+    vec = idx.vectors("image")
+    assert vec.mmapped and vec.data_file().name == img["data_file"] and len(vec) == 26_000
+    idx.close()
+    # an incremental run copies the lists, changes the copy, and drops the old file once saved
+    make_images(tmp_path / "p", 3)
+    with searchkit.open_index("disk", create=True) as idx:
+        assert idx.add([tmp_path / "p"]).added == 3
+    files = sorted(p.name for p in bundle.glob("*.ivfdata"))
+    entry = searchkit.open_index("disk").read_manifest()["vectors"]["image"]
+    assert files == [entry["data_file"]] != [img["data_file"]] and entry["count"] == 26_003
+    capfd.readouterr()
+    r = CliRunner().invoke(app, ["query", "x", "--index", "disk", "--where-path", str(tmp_path / "p"), "--json"])
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 3 and capfd.readouterr().out == ""
 
 
 def test_hnsw_bundle_deletions_are_tombstones(tmp_path):
