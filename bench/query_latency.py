@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--model", default="open_clip:ViT-B-32@random")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--cold-runs", type=int, default=3)
+    ap.add_argument("--vector-index", default="auto", help="reindex the bundle as this kind first (auto: exact at this size)")
     args = ap.parse_args()
     import warnings
 
@@ -71,6 +72,10 @@ def main() -> None:
         t = time.perf_counter()
         build_bundle(bundle, args.model, args.n)
         build_s = time.perf_counter() - t
+        recall = None
+        if args.vector_index != "auto":
+            with searchkit.open_index(bundle, write=True) as w:
+                recall = w.reindex(args.vector_index)["image"].get("recall")
         idx = searchkit.open_index(bundle)
         idx.search("warm up", k=10)
         total, enc_t, search_t, meta_t = [], [], [], []
@@ -107,6 +112,8 @@ def main() -> None:
                 "benchmark": "query_latency",
                 "model": args.model,
                 "n_vectors": args.n,
+                "vector_index": args.vector_index,
+                "recall": recall,
                 "build_s": round(build_s, 1),
                 "warm_ms": {"p50": round(pct(total, 50), 2), "p99": round(pct(total, 99), 2), "mean": round(statistics.mean(total) * 1000, 2)},
                 "stage_p50_ms": {
