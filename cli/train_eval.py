@@ -52,6 +52,7 @@ def train_cmd(
         "their input activations are cached once. 0: frozen towers.",
     ),
     tower_lr_scale: float = typer.Option(0.1, "--tower-lr-scale", min=0.0, help="Learning rate of unfrozen tower blocks, as a fraction of --lr."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start the heads from this checkpoint's (a folder, or mini); same towers and head shapes."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device. [default: cuda when present, else cpu]"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Tower feature cache. [default: $SEARCHKIT_CACHE/features or ~/.cache/searchkit/features]"),
     json_out: bool = JsonOpt,
@@ -76,6 +77,7 @@ def train_cmd(
         seed=seed,
         unfreeze_image_blocks=unfreeze_image_blocks,
         tower_lr_scale=tower_lr_scale,
+        init_from=init_from,
     )
     result = train(
         captions,

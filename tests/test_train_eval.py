@@ -319,3 +319,19 @@ def test_partial_finetuning_of_efficientnet_with_conse(pair_data, tmp_path):
     )
     assert result.step_losses[-1] < result.step_losses[0]
     _check_tuned_checkpoint(out, pair_data, result, blocks=2)
+
+
+def test_init_from_starts_the_heads_from_a_checkpoint(pair_data, tmp_path):
+    from searchkit.errors import UsageError
+
+    kw = dict(val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False)
+    cfg = TrainConfig(image_tower=TINY, text_tower=TINY, dim=16, epochs=3, batch_size=8, lr=5e-3, dropout=0.0)
+    first = train(pair_data / "captions.csv", pair_data / "images", tmp_path / "a", cfg, **kw)
+    # a learning rate too small to move anything: the run starts, and stays, where the first ended
+    cont = TrainConfig(**{**cfg.__dict__, "epochs": 1, "lr": 1e-12, "init_from": str(tmp_path / "a")})
+    again = train(pair_data / "captions.csv", pair_data / "images", tmp_path / "b", cont, **kw)
+    assert again.best == pytest.approx(first.best)
+    assert again.history[0].loss < first.history[0].loss
+    wrong = TrainConfig(**{**cont.__dict__, "dim": 8})
+    with pytest.raises(UsageError, match="do not fit"):
+        train(pair_data / "captions.csv", pair_data / "images", tmp_path / "c", wrong, **kw)

@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     unfreeze_image_blocks: int = 0  # fine-tune the image tower's last N blocks; 0 = frozen towers
     tower_lr_scale: float = 0.1  # learning rate of the unfrozen blocks, as a fraction of `lr`
+    init_from: str | None = None  # start the heads from this checkpoint's ("mini": the shipped one)
 
 
 #: AdamW weight decay of unfrozen tower blocks (pretrained weights: decay gently)
@@ -148,6 +149,7 @@ def fit_heads(
     progress: bool = False,
     on_best: Callable[[object, int, dict], None] | None = None,
     image_tail=None,
+    init_heads: dict | None = None,
 ):
     """Train heads on features. `val` is (val image feats, val text feats, val caption_image).
 
@@ -156,6 +158,8 @@ def fit_heads(
     Returns (best heads, best epoch, best validation metrics, history, per-step losses); the
     tail, if any, is left holding its best epoch's weights. `on_best(heads, epoch, metrics)` is
     called whenever validation improves (the tail then holds that epoch's weights).
+    `init_heads` (a heads state dict) starts the heads, standardization statistics included, from
+    trained ones instead of from scratch.
     """
     import copy
 
@@ -183,6 +187,11 @@ def fit_heads(
     heads.image.set_stats(start_feats)
     heads.text.set_stats(txt_t)
     del start_feats
+    if init_heads is not None:
+        try:
+            heads.load_state_dict(init_heads)
+        except RuntimeError as e:
+            raise UsageError(f"the initial heads do not fit this run: {str(e).splitlines()[-1].strip()}") from e
     heads = heads.to(device)
     img_t, txt_t = img_t.to(device), txt_t.to(device)
     cap_img = torch.from_numpy(caption_image).to(device)
@@ -336,6 +345,7 @@ def train(
         progress=progress,
         on_best=write,
         image_tail=image_tail,
+        init_heads=_initial_heads(config),
     )
     result = TrainResult(out, best_epoch, best, history, step_losses)
     import json
@@ -346,6 +356,24 @@ def train(
 
         result.plot = plot_history(history, out / "training.png")
     return result
+
+
+def _initial_heads(config: TrainConfig) -> dict | None:
+    """The heads state dict of `config.init_from`, checked against the run's towers."""
+    if not config.init_from:
+        return None
+    from ..encoders.mini import MINI_DIR, load_heads, read_config
+
+    folder = MINI_DIR if config.init_from == "mini" else Path(config.init_from)
+    cfg = read_config(folder)
+    if (cfg["image_tower"], cfg["text_tower"]) != (config.image_tower, config.text_tower):
+        raise UsageError(
+            f"{config.init_from} has towers {cfg['image_tower']} / {cfg['text_tower']}, "
+            f"this run {config.image_tower} / {config.text_tower}"
+        )
+    if cfg.get("image_tower_tuned"):
+        raise UsageError(f"{config.init_from} has fine-tuned tower blocks; start from a frozen-tower checkpoint")
+    return load_heads(folder, cfg).state_dict()
 
 
 def _spec(head, config: TrainConfig) -> HeadSpec:
