@@ -72,6 +72,8 @@ HNSW_EF_CONSTRUCTION = 40
 KMEANS_ITERATIONS = 10
 #: OPQ is used when at least this share of the covariance energy lies across PQ blocks
 OPQ_MIN_CROSS_ENERGY = 0.3
+#: searches of fewer queries than this run on one FAISS thread
+SEARCH_THREADS_MIN_QUERIES = 16
 #: on-disk IVF-PQ builds add this many vectors per shard (in memory) before merging on disk
 ONDISK_SHARD = 1_000_000
 #: a filter matching fewer ids than this (or than 2% of the index) is answered exactly over
@@ -409,7 +411,10 @@ class Vectors:
         if k <= 0:
             return _empty(len(q))
         params = {**self.search_params, **overrides}
-        D, I = self._search(q, k, allowed, params)
+        # a few queries: one thread. FAISS splits a single query's scan poorly; measured on 2
+        # cores, 100k x 512 flat: 12 ms on 1 thread vs 15 ms on 2 idle, 34 vs 87 ms when busy
+        with _threads(len(q), threshold=SEARCH_THREADS_MIN_QUERIES):
+            D, I = self._search(q, k, allowed, params)
         return _trim(D, I)
 
     def _search(self, q, k, allowed, params) -> tuple[np.ndarray, np.ndarray]:
