@@ -2,7 +2,7 @@
 
     python bench/query_latency.py [--n 100000] [--model open_clip:ViT-B-32@random] [--queries 200]
 
-Builds a bundle of N synthetic unit vectors (rows written through the store, as `index` writes
+Builds a bundle of N synthetic unit vectors in clusters of ~50 (rows written through the store, as `index` writes
 them, without encoding N images), then measures (1) warm text queries end to end through
 `Index.search` (tokenise, encode, search, fetch metadata): p50/p99 ms, and each stage alone;
 (2) cold `searchkit query` as a fresh process, to printed results: wall seconds.
@@ -35,8 +35,11 @@ def build_bundle(path: Path, spec: str, n: int) -> None:
                 "INSERT INTO files(id, path, kind, size, mtime_ns, hash, complete) VALUES (?, ?, 'image', 0, 0, ?, 1)",
                 ((i, f"/photos/{i:07d}.jpg", f"{i:032x}") for i in range(1, n + 1)),
             )
+            # clustered like real embeddings (isotropic noise would be a worst case no ANN index meets)
+            centers = rng.standard_normal((max(1, n // 50), dim)).astype(np.float32)
             for start in range(0, n, 10000):
-                v = rng.standard_normal((min(10000, n - start), dim)).astype(np.float32)
+                m = min(10000, n - start)
+                v = centers[rng.integers(0, len(centers), m)] + 0.7 * rng.standard_normal((m, dim)).astype(np.float32)
                 v /= np.linalg.norm(v, axis=1, keepdims=True)
                 db.conn.executemany(
                     "INSERT INTO items(id, file_id, kind, vector) VALUES (?, ?, 'image', ?)",
