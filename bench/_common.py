@@ -39,5 +39,26 @@ def peak_rss_mb(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
+#: runs argv and prints its peak RSS (KB) on stderr's last line. A child forked straight from a
+#: benchmark that holds a model would count the parent's pages in its own ru_maxrss; forked
+#: from this small process, it counts only its own.
+RSS_WRAPPER = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
+)
+
+
+def run_measured(cmd: list[str], **kwargs):
+    """subprocess.run(cmd, capture_output=True, text=True) plus the command's own peak RSS in MB."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], capture_output=True, text=True, **kwargs)
+    lines = out.stderr.rstrip().splitlines()
+    rss = int(lines[-1]) / 1024.0 if lines and lines[-1].isdigit() else float("nan")
+    out.stderr = "\n".join(lines[:-1])
+    return out, rss
+
+
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

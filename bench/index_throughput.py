@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_count, make_phone_photos, peak_rss_mb  # noqa: E402
+from _common import cpu_count, make_phone_photos, run_measured  # noqa: E402
 
 
 def model_only(enc, paths, batch_sizes) -> dict:
@@ -83,15 +82,15 @@ def cli_run(spec, folder, workdir, paths) -> dict:
     def run(src, bundle, export="0"):
         cmd = [sys.executable, "-m", "searchkit.cli", "index", str(src), "--index", str(workdir / bundle), "--model", spec, "--json"]
         t = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SEARCHKIT_TEXT_ONNX": export})
+        out, rss = run_measured(cmd, env={**os.environ, "SEARCHKIT_TEXT_ONNX": export})
         if out.returncode != 0:
             raise SystemExit(out.stderr)
-        return time.perf_counter() - t, peak_rss_mb(children=True), json.loads(out.stdout)
+        return time.perf_counter() - t, rss, json.loads(out.stdout)
 
     _, rss_quarter, _ = run(quarter, "bundle-quarter")
     wall, rss_full, _ = run(folder, "bundle-cli")
     rerun, _, again = run(folder, "bundle-cli")
-    _, rss_export, _ = run(quarter, "bundle-export", export="1")  # last: RUSAGE_CHILDREN keeps the max
+    _, rss_export, _ = run(quarter, "bundle-export", export="1")
     return {
         "peak_rss_mb_with_text_export": round(rss_export, 1),
         "wall_s": round(wall, 2),
