@@ -5,8 +5,10 @@ Tower features are computed once (and cached, see `features`), so an epoch is a 
 products. With `unfreeze_image_blocks = N` the image side caches the activations at the input of
 the tower's last N blocks instead, and every step runs those blocks (and the pooling and ConSE
 steps after them) with gradients; they learn at `tower_lr_scale` times the heads' learning rate,
-and the checkpoint carries their weights. The text tower always stays frozen (cached features). Loss: symmetric InfoNCE with a learnable temperature. Each epoch visits every caption
-once; batches never hold two captions of the same image (they would be false negatives). After
+and the checkpoint carries their weights. The text tower always stays frozen (cached features).
+
+Loss: symmetric InfoNCE with a learnable temperature. Each epoch visits every caption once;
+batches never hold two captions of the same image (they would be false negatives). After
 every epoch the heads are scored on the validation images (Recall@1/5/10 both ways); the best
 epoch's heads are kept, and training stops after `patience` epochs without improvement.
 """
