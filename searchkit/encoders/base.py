@@ -55,8 +55,9 @@ class Encoder(ABC):
     logit_scale: float = 100.0
     #: torch device the model runs on
     device: str = "cpu"
-    #: images per model call the pipeline should aim for
-    image_batch_size: int = 32
+    #: images per model call the pipeline should aim for (on CPU, bench/index_throughput.py on 2
+    #: idle cores: ViT-B-32 and mini both run best at 8-16 and 10-40 % slower at 32-64)
+    image_batch_size: int = 16
     #: texts per model call
     text_batch_size: int = 256
 
