@@ -1066,7 +1066,12 @@ def tune(
         for params in ladder:
             tried += 1
             t = time.perf_counter()
-            r = worst_set(tune_idx, run(tune_idx, params))
+            # timed on one thread: queries arrive one at a time, and a multi-threaded batch
+            # favours the wrong rung (measured at 1M: nprobe 192 x rerank 5 won a batch timing,
+            # then answered single queries at 3.4 ms p50 on an idle machine, where 128 x 10
+            # had given 2.1 ms even on a busy one)
+            with _threads(0):
+                r = worst_set(tune_idx, run(tune_idx, params))
             spent = time.perf_counter() - t
             if r > best_effort[0]:
                 best_effort = (r, params)
