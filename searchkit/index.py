@@ -467,7 +467,9 @@ class Index:
         """Delete on-disk list files (<kind>.*.ivfdata) that no saved .faiss points at any more:
         the previous file after a copy on write or a rebuild, or what a killed run left."""
         for kind in KINDS:
-            data = self._vectors[kind].data_file() if kind in self._vectors else None
+            if kind not in self._vectors:  # not loaded: nothing known about its files
+                continue
+            data = self._vectors[kind].data_file()
             for f in self.path.glob(f"{kind}.*.ivfdata"):
                 if data is None or f.name != data.name:
                     f.unlink(missing_ok=True)

@@ -167,15 +167,6 @@ class Store:
     def text_items_of(self, file_id: int) -> list[tuple[int, str, int]]:
         return [tuple(r) for r in self.db.execute("SELECT id, text, locator FROM items WHERE file_id = ? ORDER BY id", [file_id])]
 
-    def vectors(self, kind: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """All (ids, vectors) of one kind, in id order."""
-        rows = self.db.execute("SELECT id, vector FROM items WHERE kind = ? ORDER BY id", [kind]).fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        if not rows:
-            return ids, np.zeros((0, dim), dtype=np.float32)
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
-        return ids, vecs
-
     def iter_vectors(self, kind: str, dim: int, chunk: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) of one kind in id order, `chunk` rows at a time (keyset pagination), so
         building a vector index never holds every embedding in memory at once."""

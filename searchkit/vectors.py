@@ -563,12 +563,6 @@ class FlatVectors(Vectors):
                 self._gpu = False
         return self._gpu or None
 
-    @classmethod
-    def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray) -> FlatVectors:
-        v = cls(dim)
-        v.add(ids, vectors)
-        return v
-
 
 class HNSWVectors(Vectors):
     """HNSW graph over full vectors (IndexIDMap over IndexHNSWFlat); removals are tombstones."""
@@ -830,12 +824,15 @@ class IVFPQVectors(Vectors):
             nprobe = min(ivf.nlist, max(nprobe, math.ceil(nprobe / max(share, 1e-9))))
             s = _Selector(allowed)
         kk = min(len(self), k * max(rerank, 1))
-        sp = faiss.SearchParametersIVF(nprobe=min(nprobe, ivf.nlist), sel=s.sel) if s else faiss.SearchParametersIVF(nprobe=min(nprobe, ivf.nlist))
-        D, I = self.index.search(q, kk, params=sp)
+
+        def probing(n: int):
+            extra = {"sel": s.sel} if s else {}
+            return faiss.SearchParametersIVF(nprobe=min(n, ivf.nlist), **extra)
+
+        D, I = self.index.search(q, kk, params=probing(nprobe))
         reachable = min(k, len(allowed) if allowed is not None else len(self))
         if (I[:, :reachable] < 0).any() and nprobe < ivf.nlist:  # the probed lists hold too few: all lists
-            sp = faiss.SearchParametersIVF(nprobe=ivf.nlist, sel=s.sel) if s else faiss.SearchParametersIVF(nprobe=ivf.nlist)
-            D, I = self.index.search(q, kk, params=sp)
+            D, I = self.index.search(q, kk, params=probing(ivf.nlist))
         if rerank > 1:
             return self._rerank(q, I, k)
         return D[:, :k], I[:, :k]
