@@ -180,14 +180,19 @@ def fit_heads(
         tail_params = {n: p for n, p in image_tail.named_parameters() if p.requires_grad}
         if not tail_params:
             raise UsageError("the image tower tail has no trainable weights")
-    start_feats = _features(image_tail, img_t, device) if image_tail is not None else img_t
+    # the heads standardize their inputs with statistics of the training features; heads started
+    # from a checkpoint bring their own (loaded below), so one row is enough to learn the width
+    start_feats = img_t if init_heads is None else img_t[:1]
+    if image_tail is not None:
+        start_feats = _features(image_tail, start_feats, device)
     heads = build_heads(
         HeadSpec(start_feats.shape[1], config.dim, config.hidden, config.dropout),
         HeadSpec(text_feats.shape[1], config.dim, config.hidden, config.dropout),
         init_logit_scale=1.0 / config.init_temperature,
     )
-    heads.image.set_stats(start_feats)
-    heads.text.set_stats(txt_t)
+    if init_heads is None:
+        heads.image.set_stats(start_feats)
+        heads.text.set_stats(txt_t)
     del start_feats
     if init_heads is not None:
         try:
