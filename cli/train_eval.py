@@ -53,6 +53,11 @@ def train_cmd(
     ),
     tower_lr_scale: float = typer.Option(0.1, "--tower-lr-scale", min=0.0, help="Learning rate of unfrozen tower blocks, as a fraction of --lr."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start the heads from this checkpoint's (a folder, or mini); same towers and head shapes."),
+    caption_augment: int = typer.Option(
+        0, "--caption-augment", min=0,
+        help="Word-dropout variants per training caption, embedded once and shown in place of the caption at random. 0: none.",
+    ),
+    caption_word_dropout: float = typer.Option(0.2, "--caption-word-dropout", min=0.0, max=0.9, help="Share of a variant's words dropped."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device. [default: cuda when present, else cpu]"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Tower feature cache. [default: $SEARCHKIT_CACHE/features or ~/.cache/searchkit/features]"),
     json_out: bool = JsonOpt,
@@ -78,6 +83,8 @@ def train_cmd(
         unfreeze_image_blocks=unfreeze_image_blocks,
         tower_lr_scale=tower_lr_scale,
         init_from=init_from,
+        caption_augment=caption_augment,
+        caption_word_dropout=caption_word_dropout,
     )
     result = train(
         captions,

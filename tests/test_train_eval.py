@@ -132,6 +132,50 @@ def test_train_loss_falls_and_checkpoint_round_trips(pair_data, tmp_path):
     assert [h.loss for h in again.history] == pytest.approx(losses)
 
 
+def test_word_dropout_variants():
+    from searchkit.train.data import caption_variants, word_dropout
+
+    caps = ["a dog runs through the tall green grass", "two cats"]
+    v = caption_variants(caps, 3, 0.5, seed=1)
+    assert v == caption_variants(caps, 3, 0.5, seed=1) and len(v) == 2 and all(len(x) == 3 for x in v)
+    assert v[1] == ["two cats"] * 3  # too short to drop words from
+    words = caps[0].split()
+    for variant in v[0]:
+        kept = variant.split()
+        assert 3 <= len(kept) <= len(words) and kept == [w for w in words if w in kept]  # order kept
+    assert len(set(v[0])) > 1
+    rng = np.random.default_rng(0)
+    assert word_dropout(caps[0], rng, 1.0).split() and len(word_dropout(caps[0], rng, 1.0).split()) == 3
+    assert word_dropout(caps[0], rng, 0.0) == caps[0]
+
+
+def test_train_with_caption_augmentation(pair_data, tmp_path):
+    # longer captions than the fixture's, so that words can be dropped
+    with open(pair_data / "captions.csv", newline="") as f:
+        rows = [(r["image"], f"there is {r['caption']} on a grey background here") for r in csv.DictReader(f)]
+    long_csv = tmp_path / "long.csv"
+    with open(long_csv, "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption"), *rows])
+    cfg = TrainConfig(image_tower=TINY, text_tower=TINY, dim=16, epochs=3, batch_size=8, lr=5e-3, dropout=0.0,
+                      patience=10, caption_augment=2, caption_word_dropout=0.5)
+    result = train(
+        long_csv, pair_data / "images", tmp_path / "aug", cfg,
+        val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False,
+    )
+    losses = [h.loss for h in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    saved = json.loads((tmp_path / "aug" / "config.json").read_text())["training"]["config"]
+    assert saved["caption_augment"] == 2 and saved["caption_word_dropout"] == 0.5
+    # the variants' features are cached beside the captions' (one more text entry)
+    assert len(list((tmp_path / "cache").glob("*-text-*.npz"))) == 2
+    plain = train(
+        long_csv, pair_data / "images", tmp_path / "plain",
+        TrainConfig(**{**cfg.__dict__, "caption_augment": 0}),
+        val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False,
+    )
+    assert [h.loss for h in plain.history] != pytest.approx(losses)  # the variants are really shown
+
+
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     from searchkit.errors import UnknownModelError
 

@@ -7,6 +7,10 @@ the tower's last N blocks instead, and every step runs those blocks (and the poo
 steps after them) with gradients; they learn at `tower_lr_scale` times the heads' learning rate,
 and the checkpoint carries their weights. The text tower always stays frozen (cached features).
 
+With `caption_augment = K` every training caption also gets K word-dropout variants (each word
+dropped with probability `caption_word_dropout`), embedded once by the frozen text tower and
+cached like the captions; each step then shows a caption or one of its variants, at random.
+
 Loss: symmetric InfoNCE with a learnable temperature. Each epoch visits every caption once;
 batches never hold two captions of the same image (they would be false negatives). After
 every epoch the heads are scored on the validation images (Recall@1/5/10 both ways); the best
@@ -28,7 +32,7 @@ from ..encoders.mini import HeadSpec, build_heads, head_config, save_checkpoint
 from ..encoders.towers import MINILM, load_image_tower, load_text_tower
 from ..errors import UsageError
 from ..evaluate import retrieval_recall
-from .data import PairSet, read_pairs, split_images
+from .data import PairSet, caption_variants, read_pairs, split_images
 from .features import cut_activations, image_features, text_features
 
 LOG = logging.getLogger(__name__)
@@ -53,6 +57,8 @@ class TrainConfig:
     unfreeze_image_blocks: int = 0  # fine-tune the image tower's last N blocks; 0 = frozen towers
     tower_lr_scale: float = 0.1  # learning rate of the unfrozen blocks, as a fraction of `lr`
     init_from: str | None = None  # start the heads from this checkpoint's ("mini": the shipped one)
+    caption_augment: int = 0  # word-dropout variants per training caption; 0 = captions as written
+    caption_word_dropout: float = 0.2  # share of a variant's words dropped
 
 
 #: AdamW weight decay of unfrozen tower blocks (pretrained weights: decay gently)
@@ -152,8 +158,12 @@ def fit_heads(
     on_best: Callable[[object, int, dict], None] | None = None,
     image_tail=None,
     init_heads: dict | None = None,
+    text_variants: np.ndarray | None = None,
 ):
     """Train heads on features. `val` is (val image feats, val text feats, val caption_image).
+
+    `text_variants` (n_captions, K, d): features of K augmented variants of every training
+    caption; each step shows a caption's own features or one of its variants', at random.
 
     With `image_tail` (a module from cut activations to image tower features, whose parameters
     that require gradients are trained too), `image_feats` and `val[0]` are cut activations.
@@ -202,6 +212,15 @@ def fit_heads(
     heads = heads.to(device)
     img_t, txt_t = img_t.to(device), txt_t.to(device)
     cap_img = torch.from_numpy(caption_image).to(device)
+    if text_variants is not None:  # the captions themselves as variant 0
+        variants = torch.cat([txt_t[:, None], torch.from_numpy(text_variants).to(device)], dim=1)
+    gen = torch.Generator().manual_seed(config.seed)
+
+    def text_batch(idx):
+        if text_variants is None:
+            return txt_t[idx]
+        pick = torch.randint(0, variants.shape[1], (len(idx),), generator=gen).to(device)
+        return variants[idx, pick]
 
     def image_batch(idx):
         x = img_t[idx]
@@ -232,7 +251,7 @@ def fit_heads(
         losses = []
         for b in batches:
             b = torch.from_numpy(b).to(device)
-            loss = symmetric_infonce(heads.image(image_batch(cap_img[b])), heads.text(txt_t[b]), heads.scale())
+            loss = symmetric_infonce(heads.image(image_batch(cap_img[b])), heads.text(text_batch(b)), heads.scale())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -319,6 +338,11 @@ def train(
 
     tr_caps, tr_map = _select(pairs, train_img)
     va_caps, va_map = _select(pairs, val_img)
+    variants = None
+    if config.caption_augment:
+        texts = caption_variants([pairs.captions[i] for i in tr_caps], config.caption_augment, config.caption_word_dropout, config.seed)
+        flat = text_features(text_tower, [v for vs in texts for v in vs], cache_dir=cache_dir, progress=progress)
+        variants = flat.reshape(len(tr_caps), config.caption_augment, -1)
     LOG.info(
         "training on %d images / %d captions, validating on %d images / %d captions",
         len(train_img), len(tr_caps), len(val_img), len(va_caps),
@@ -353,6 +377,7 @@ def train(
         on_best=write,
         image_tail=image_tail,
         init_heads=_initial_heads(config),
+        text_variants=variants,
     )
     result = TrainResult(out, best_epoch, best, history, step_losses)
     import json

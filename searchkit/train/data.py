@@ -116,3 +116,21 @@ def _known(names: list[str], index: dict[str, int], source) -> np.ndarray:
     if len(found) < len(names):
         LOG.warning("%d images listed in %s have no captions or no file; ignored", len(names) - len(found), source)
     return np.array(sorted(set(found)), dtype=np.int64)
+
+
+def word_dropout(caption: str, rng: np.random.Generator, p: float, keep_min: int = 3) -> str:
+    """`caption` with each word dropped with probability `p`, keeping at least `keep_min` words
+    (and all of a caption that has no more): a caption augmentation for frozen text towers."""
+    words = caption.split()
+    if len(words) <= keep_min:
+        return caption
+    keep = rng.random(len(words)) >= p
+    if keep.sum() < keep_min:
+        keep[np.sort(rng.choice(len(words), keep_min, replace=False))] = True
+    return " ".join(w for w, k in zip(words, keep) if k)
+
+
+def caption_variants(captions: list[str], n: int, p: float, seed: int = 0) -> list[list[str]]:
+    """`n` word-dropout variants of every caption (deterministic for a seed)."""
+    rng = np.random.default_rng(seed)
+    return [[word_dropout(c, rng, p) for _ in range(n)] for c in captions]
