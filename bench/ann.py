@@ -285,9 +285,11 @@ def main() -> None:
     for kind in kinds:
         gc.collect()
         n_k = args.hnsw_n if kind == "hnsw" and args.hnsw_n else args.n
-        if kind in ("ivf-pq", "ivf-pq-disk"):
-            p = plan if plan.kind == "ivf-pq" else V.plan_index(n_k, d, "ivf-pq", None)
-            p = V.Plan(p.kind, {**p.params, "on_disk": kind == "ivf-pq-disk"}, p.memory, p.reason)
+        if kind == "ivf-pq":
+            p = plan if plan.kind == "ivf-pq" and not plan.params.get("on_disk") else V.plan_index(n_k, d, "ivf-pq", None)
+        elif kind == "ivf-pq-disk":  # what plan_index picks when not even the in-memory IVF-PQ fits
+            params = V.ivf_pq_params(n_k, d, None, on_disk=True)
+            p = V.Plan("ivf-pq", params, V.ivf_pq_bytes(n_k, d, params), "lists on disk")
         elif kind == "hnsw":
             p = V.plan_index(n_k, d, "hnsw", 1 << 50)
         else:
