@@ -1,6 +1,6 @@
 """Vector indexes at scale: exact vs HNSW vs IVF-PQ on 1M x 512-d vectors.
 
-    python bench/ann.py [--n 1000000] [--max-memory 1G] [--kinds flat,ivf-pq,hnsw] [--queries 1000]
+    python bench/ann.py [--n 1000000] [--max-memory 512M] [--kinds flat,ivf-pq,hnsw] [--queries 1000]
 
 Data: when the offline encoder `mini` loads, the real embeddings of --real-images Flickr8k images
 (../shared/data) mixed into clustered synthetic vectors shaped like them (clusters of ~20 around
@@ -16,7 +16,7 @@ library's own `tune`, target recall 0.95), the other half measure.
 Every index is built with searchkit.vectors directly from numpy (no SQLite rows: IVF-PQ's
 exact re-ranking reads the float32 vectors from an in-memory array here, from meta.db in a
 bundle; `rerank_fetch_sqlite_ms` measures that read on a 200k-row meta.db for comparison).
-The auto choice under --max-memory (default 1G: flat and HNSW do not fit at 1M) is the
+The auto choice under --max-memory (default 512M: flat and HNSW do not fit at 1M) is the
 "chosen" index. Timings are single-thread, one query at a time (p50/p99 per query); builds use
 all cores. Prints one JSON object.
 
@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1000, help="held-out synthetic queries (half tune, half measure)")
-    ap.add_argument("--max-memory", default="1G", help="budget for the auto choice (the 'chosen' index)")
+    ap.add_argument("--max-memory", default="512M", help="budget for the auto choice (the 'chosen' index)")
     ap.add_argument("--kinds", default="flat,ivf-pq,hnsw", help="any of flat, ivf-pq, hnsw, ivf-pq-disk (lists on disk, memory-mapped)")
     ap.add_argument("--hnsw-n", type=int, default=0, help="build HNSW on the first N vectors only (0: all)")
     ap.add_argument("--real-images", type=int, default=2000, help="Flickr8k images embedded with mini and mixed in")

@@ -7,7 +7,13 @@ in meta.db (lossless float32); an index can read them back through `fetch` to re
 approximate candidates exactly and to answer very selective filters exactly.
 
 Kinds
-  flat    IndexIDMap2(IndexFlatIP): exact. The default up to EXACT_MAX vectors.
+  flat    IndexIDMap2(IndexScalarQuantizer fp16): exact. The default up to EXACT_MAX vectors.
+          The scan reads float16 copies of the vectors (half the memory and half the bytes per
+          query of float32, and a scan of 100k x 512 is memory-bound), then re-scores the
+          candidates exactly from meta.db. A float16 score is within FLAT_SCORE_ERROR x |q| of
+          the float32 one, so candidates are taken until the k-th exact score clears the last
+          candidate's float16 score by that bound: the top k are provably the exact top k.
+          (Bundles written before this hold IndexFlatIP, which is searched as it is.)
   hnsw    IndexIDMap(IndexHNSWFlat, M=32): graph search over full vectors; no training.
           HNSW cannot delete a node, so a removed id becomes a tombstone: its slot in the id
           map is set to -1 (that is saved with the index, nothing else to keep in step) and
@@ -82,6 +88,12 @@ HNSW_EF_CONSTRUCTION = 40
 KMEANS_ITERATIONS = 10
 #: OPQ is used when at least this share of the covariance energy lies across PQ blocks
 OPQ_MIN_CROSS_ENERGY = 0.3
+#: |float16 score - float32 score| <= this x |q| for unit rows: float16 rounds each component
+#: within 2^-11 of its value (so the dot product moves by at most 2^-11 sum|q_i x_i| <= 4.9e-4
+#: |q|), plus float32 accumulation error (~d x 2^-24); doubled for headroom
+FLAT_SCORE_ERROR = 1e-3
+#: exact search over float16 fetches k + this many candidates first (more only when needed)
+FLAT_EXTRA = 16
 #: searches of fewer queries than this run on one FAISS thread
 SEARCH_THREADS_MIN_QUERIES = 16
 #: fast-scan IVF-PQ packs the codes of each list in blocks of this many vectors (FAISS' bbs)
@@ -136,7 +148,7 @@ def check_choice(kind: str | None) -> str:
 
 # -- memory model and the choice of an index ---------------------------------------------------
 def flat_bytes(n: int, dim: int) -> int:
-    return int(n * (4 * dim + 8 + 32))  # vectors, id map, reverse id map (hash table)
+    return int(n * (2 * dim + 8 + 32))  # float16 vectors, id map, reverse id map (hash table)
 
 
 def hnsw_bytes(n: int, dim: int, M: int = HNSW_M) -> int:
@@ -547,7 +559,7 @@ def _kind_of(index) -> type[Vectors] | None:
     index = faiss.downcast_index(index)
     if isinstance(index, (faiss.IndexIDMap2, faiss.IndexIDMap)):
         sub = faiss.downcast_index(index.index)
-        if isinstance(sub, faiss.IndexFlat):
+        if isinstance(sub, faiss.IndexFlat) or (isinstance(sub, faiss.IndexScalarQuantizer) and sub.sq.qtype == faiss.ScalarQuantizer.QT_fp16):
             return FlatVectors
         if isinstance(sub, faiss.IndexHNSW):
             return HNSWVectors
@@ -559,27 +571,62 @@ def _kind_of(index) -> type[Vectors] | None:
 
 
 class FlatVectors(Vectors):
-    """Exact inner-product search (IndexIDMap2 over IndexFlatIP)."""
+    """Exact inner-product search: IndexIDMap2 over float16 vectors (IndexScalarQuantizer), whose
+    candidates are re-scored exactly through `fetch`; or over IndexFlatIP (older bundles)."""
 
     kind = "flat"
 
     def __init__(self, dim: int, index=None, params=None, search_params=None, fetch=None):
         faiss = _faiss()
-        super().__init__(dim, index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), params, search_params, fetch)
+        if index is None:
+            sq = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIDMap2(sq)
+            index.own_fields = True
+            sq.this.disown()
+        super().__init__(dim, index, params, search_params, fetch)
+
+    @property
+    def half(self) -> bool:
+        """Whether the scan reads float16 vectors (and re-scores exactly)."""
+        return isinstance(_faiss().downcast_index(self.index.index), _faiss().IndexScalarQuantizer)
 
     def ids(self) -> np.ndarray:
         return _faiss().vector_to_array(self.index.id_map).astype(np.int64)
 
     def describe(self) -> str:
-        return "IDMap2,Flat"
+        return "IDMap2,SQfp16" if self.half else "IDMap2,Flat"
+
+    def memory_bytes(self) -> int:
+        return flat_bytes(len(self), self.dim) + (0 if self.half else 2 * self.dim * len(self))
 
     def _search(self, q, k, allowed, params):
         faiss = _faiss()
-        if allowed is not None:
-            s = _Selector(allowed)
-            return self.index.search(q, k, params=faiss.SearchParameters(sel=s.sel))
-        gpu = self._gpu_index()
-        return (gpu or self.index).search(q, k)
+        s = _Selector(allowed) if allowed is not None else None
+
+        def scan(kk):
+            if s is not None:
+                return self.index.search(q, kk, params=faiss.SearchParameters(sel=s.sel))
+            return (self._gpu_index() or self.index).search(q, kk)
+
+        if not self.half or self.fetch is None:
+            return scan(k)
+        return self._exact_from_half(q, k, scan, len(allowed) if allowed is not None else len(self))
+
+    def _exact_from_half(self, q, k, scan, reachable: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top k from a float16 scan: re-score k + FLAT_EXTRA candidates exactly and
+        widen (x4) until, in every row, the k-th exact score is at least the last candidate's
+        float16 score plus the rounding bound, so nothing left out can rank higher."""
+        bound = FLAT_SCORE_ERROR * np.linalg.norm(q, axis=1)
+        kk = min(reachable, k + FLAT_EXTRA)
+        while True:
+            D, I = scan(kk)
+            De, Ie = self._rerank(q, I, k)
+            full = (I >= 0).all(axis=1)  # a row with fewer candidates holds every match
+            last = np.where(full, D[:, -1], -np.inf)
+            kth = De[:, min(k, De.shape[1]) - 1]
+            if kk >= reachable or bool((~full | (kth >= last + bound)).all()):
+                return De, Ie
+            kk = min(reachable, kk * 4)
 
     def _gpu_index(self):
         """A GPU copy of the index for unfiltered searches when FAISS has GPUs (else None)."""

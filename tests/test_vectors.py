@@ -152,6 +152,35 @@ def test_contract_remove_add_save_load(kind, tmp_path):
         assert w.tombstones == len(gone) and not np.isin(w.search(XQ, 50)[1], gone).any()
 
 
+def test_flat_is_exact_through_float16_near_ties():
+    """A band of 400 scores closer together than float16 can tell apart: the flat index widens
+    its candidates until the bound proves the top k exact (the float32 vectors from `fetch`).
+    `fetch` returns each stored vector moved along the query by up to 4e-4, so the exact order
+    inside the band differs from the scanned one, as float16 rounding can make it."""
+    rng = np.random.default_rng(5)
+    q = clustered(1, seed=9)[0]
+    u = rng.standard_normal((400, D)).astype(np.float32)
+    u -= np.outer(u @ q, q)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    s = np.linspace(0.9, 0.901, 400, dtype=np.float32)[:, None]
+    xb = np.vstack([s * q + np.sqrt(1 - s**2) * u, clustered(2000, seed=10)]).astype(np.float32)
+    moved = xb + rng.uniform(-4e-4, 4e-4, (len(xb), 1)).astype(np.float32) * q
+    ids = np.arange(10, 10 + len(xb), dtype=np.int64)
+    v = V.FlatVectors(D, fetch=lambda i: moved[np.asarray(i) - 10])
+    v.add(ids, xb)
+    assert v.half and v.describe() == "IDMap2,SQfp16"
+    Q = np.vstack([q, clustered(3, seed=11)])
+    _, It = exact(moved, ids, Q, 25)
+    Dv, Iv = v.search(Q, 25)
+    np.testing.assert_array_equal(Iv, It)
+    np.testing.assert_allclose(Dv, np.take_along_axis(Q @ moved.T, Iv - 10, 1), atol=1e-6)
+    allowed = np.sort(rng.choice(ids, 1500, replace=False))
+    np.testing.assert_array_equal(v.search(Q, 25, allowed=allowed)[1], exact(moved, ids, Q, 25, allowed)[1])
+    v.fetch = None  # without the float32 vectors: float16 scores, within the bound
+    Dh, Ih = v.search(Q, 25)
+    assert np.abs(Dh - np.take_along_axis(Q @ xb.T, Ih - 10, 1)).max() <= V.FLAT_SCORE_ERROR
+
+
 def test_fastscan_add_after_remove_finds_the_new_vectors():
     """FAISS leaves removed codes' 4-bit values in the tail of a fast-scan block and later adds
     OR into them; IVFPQVectors clears them. Compared on the codes alone (no re-ranking)."""
@@ -234,7 +263,8 @@ def test_on_disk_ivf_pq_shards_merge_move_and_copy_on_write(tmp_path, capfd):
 def test_plan_choices_and_parameters():
     assert V.plan_index(500, 512).kind == "flat"
     assert V.plan_index(1_000_000, 512, budget=8 * 1024**3).kind == "flat"
-    p = V.plan_index(1_000_000, 512, budget=1024**3)
+    assert V.plan_index(1_000_000, 512, budget=1024**3).kind == "flat"  # float16: ~1 KB a vector
+    p = V.plan_index(1_000_000, 512, budget=512 * 1024**2)
     assert p.kind == "ivf-pq" and p.memory <= 100 * 1024**2  # <= 100 MB per million vectors
     n, nlist = 1_000_000, p.params["nlist"]
     assert 4 * n**0.5 <= nlist <= 16 * n**0.5 and p.params["train_size"] >= 39 * nlist
