@@ -48,9 +48,6 @@ def _session(path: Path):
     ort = require("onnxruntime")
     so = ort.SessionOptions()
     so.intra_op_num_threads = _threads()
-    # ORT's pool spins after each run by default; on a small machine the spinning threads then
-    # compete with FAISS' own threads in the search that follows every query encoding
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
