@@ -181,6 +181,32 @@ def test_flat_is_exact_through_float16_near_ties():
     assert np.abs(Dh - np.take_along_axis(Q @ xb.T, Ih - 10, 1)).max() <= V.FLAT_SCORE_ERROR
 
 
+@pytest.mark.parametrize("half", [True, False])
+def test_flat_split_scan_matches_one_scan(monkeypatch, half):
+    """A single query's exact scan split over ranges of positions (one per core) gives what one
+    scan gives, also after removals have moved positions; float32 (older bundles) likewise."""
+    import faiss
+
+    monkeypatch.setattr(V, "_cores", lambda: 3)  # three ranges, whatever this machine has
+    index = None if half else faiss.IndexIDMap2(faiss.IndexFlatIP(D))
+    v = V.FlatVectors(D, index=index, fetch=fetch)
+    v.add(IDS, XB)
+    v.remove(IDS[::7])
+    alive = np.setdiff1d(IDS, IDS[::7])
+    monkeypatch.setattr(V, "SPLIT_SCAN_MIN", 10**9)
+    whole = [v.search(XQ[i], 15) for i in range(5)]
+    monkeypatch.setattr(V, "SPLIT_SCAN_MIN", 100)
+    calls = []
+    orig = V.FlatVectors._split_scan
+    monkeypatch.setattr(V.FlatVectors, "_split_scan", lambda self, q, kk: calls.append(kk) or orig(self, q, kk))
+    for i in range(5):
+        Ds, Is = v.search(XQ[i], 15)
+        np.testing.assert_array_equal(Is, whole[i][1])
+        np.testing.assert_allclose(Ds, whole[i][0], atol=1e-6)
+    assert len(calls) >= 5
+    np.testing.assert_array_equal(v.search(XQ[:1], 15)[1], exact(fetch(alive), alive, XQ[:1], 15)[1])
+
+
 def test_fastscan_add_after_remove_finds_the_new_vectors():
     """FAISS leaves removed codes' 4-bit values in the tail of a fast-scan block and later adds
     OR into them; IVFPQVectors clears them. Compared on the codes alone (no re-ranking)."""
