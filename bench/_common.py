@@ -61,4 +61,6 @@ def run_measured(cmd: list[str], **kwargs):
 
 
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from searchkit.machine import cpu_cores
+
+    return cpu_cores()

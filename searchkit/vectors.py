@@ -9,10 +9,10 @@ approximate candidates exactly and to answer very selective filters exactly.
 Kinds
   flat    IndexIDMap2(IndexScalarQuantizer fp16): exact. The default up to EXACT_MAX vectors.
           The scan reads float16 copies of the vectors (half the memory and half the bytes per
-          query of float32, and a scan of 100k x 512 is memory-bound), then re-scores the
-          candidates exactly from meta.db. A float16 score is within FLAT_SCORE_ERROR x |q| of
-          the float32 one, so candidates are taken until the k-th exact score clears the last
-          candidate's float16 score by that bound: the top k are provably the exact top k.
+          query of float32, and a scan of 100k x 512 is memory-bound), then re-scores exactly,
+          from meta.db, every candidate that rounding could lift into the top k (a float16
+          score is within FLAT_SCORE_ERROR x |q| of the float32 one): the top k are provably
+          the exact top k. A single query's scan is split over the cores by position ranges.
           (Bundles written before this hold IndexFlatIP, which is searched as it is.)
   hnsw    IndexIDMap(IndexHNSWFlat, M=32): graph search over full vectors; no training.
           HNSW cannot delete a node, so a removed id becomes a tombstone: its slot in the id
@@ -59,6 +59,7 @@ import numpy as np
 
 from .errors import BudgetError, CorruptIndexError, UsageError, require
 from .fsutil import fsync_dir
+from .machine import cpu_cores
 
 LOG = logging.getLogger(__name__)
 
@@ -339,17 +340,13 @@ def _fsync(path: str | Path) -> None:
 _scan_pool = None
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _split_pool():
     """Threads for splitting one query's exact scan (FAISS releases the GIL while it scans)."""
     global _scan_pool
     if _scan_pool is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _scan_pool = ThreadPoolExecutor(max_workers=min(8, _cores()), thread_name_prefix="searchkit-scan")
+        _scan_pool = ThreadPoolExecutor(max_workers=min(8, cpu_cores()), thread_name_prefix="searchkit-scan")
     return _scan_pool
 
 
@@ -592,7 +589,22 @@ def _kind_of(index) -> type[Vectors] | None:
     return None
 
 
-class FlatVectors(Vectors):
+class _IdMapped(Vectors):
+    """A kind wrapped in an IndexIDMap(2): position -> id, cached until the next change."""
+
+    _idmap: np.ndarray | None = None
+
+    def _id_map(self) -> np.ndarray:
+        if self._idmap is None:
+            self._idmap = _faiss().vector_to_array(self.index.id_map).astype(np.int64)
+        return self._idmap
+
+    def _changed(self) -> None:
+        super()._changed()
+        self._idmap = None
+
+
+class FlatVectors(_IdMapped):
     """Exact inner-product search: IndexIDMap2 over float16 vectors (IndexScalarQuantizer), whose
     candidates are re-scored exactly through `fetch`; or over IndexFlatIP (older bundles)."""
 
@@ -615,16 +627,6 @@ class FlatVectors(Vectors):
     def ids(self) -> np.ndarray:
         return self._id_map().copy()
 
-    def _id_map(self) -> np.ndarray:
-        """Position -> id (cached until the next change)."""
-        if getattr(self, "_idmap", None) is None:
-            self._idmap = _faiss().vector_to_array(self.index.id_map).astype(np.int64)
-        return self._idmap
-
-    def _changed(self) -> None:
-        super()._changed()
-        self._idmap = None
-
     def describe(self) -> str:
         return "IDMap2,SQfp16" if self.half else "IDMap2,Flat"
 
@@ -639,7 +641,7 @@ class FlatVectors(Vectors):
             if s is not None:
                 return self.index.search(q, kk, params=faiss.SearchParameters(sel=s.sel))
             gpu = self._gpu_index()
-            if gpu is None and len(q) < SEARCH_THREADS_MIN_QUERIES and len(self) >= SPLIT_SCAN_MIN and _cores() > 1:
+            if gpu is None and len(q) < SEARCH_THREADS_MIN_QUERIES and len(self) >= SPLIT_SCAN_MIN and cpu_cores() > 1:
                 return self._split_scan(q, kk)
             return (gpu or self.index).search(q, kk)
 
@@ -652,7 +654,7 @@ class FlatVectors(Vectors):
         faiss = _faiss()
         inner = faiss.downcast_index(self.index.index)
         n = int(inner.ntotal)
-        bounds = np.linspace(0, n, min(8, _cores()) + 1).astype(np.int64)
+        bounds = np.linspace(0, n, min(8, cpu_cores()) + 1).astype(np.int64)
         sels = [faiss.IDSelectorRange(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
         def part(sel):
@@ -691,7 +693,7 @@ class FlatVectors(Vectors):
         return self._gpu or None
 
 
-class HNSWVectors(Vectors):
+class HNSWVectors(_IdMapped):
     """HNSW graph over full vectors (IndexIDMap over IndexHNSWFlat); removals are tombstones."""
 
     kind = "hnsw"
@@ -704,7 +706,6 @@ class HNSWVectors(Vectors):
             h.hnsw.efConstruction = int(params["ef_construction"])
             index = faiss.IndexIDMap(h)
         super().__init__(dim, index, params, search_params, fetch)
-        self._idmap: np.ndarray | None = None
 
     @classmethod
     def wrap(cls, dim, index):
@@ -722,15 +723,6 @@ class HNSWVectors(Vectors):
 
     def _hnsw(self):
         return _faiss().downcast_index(self.index.index)
-
-    def _id_map(self) -> np.ndarray:
-        if self._idmap is None:
-            self._idmap = _faiss().vector_to_array(self.index.id_map).astype(np.int64)
-        return self._idmap
-
-    def _changed(self) -> None:
-        super()._changed()
-        self._idmap = None
 
     @property
     def tombstones(self) -> int:

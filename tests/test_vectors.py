@@ -187,7 +187,7 @@ def test_flat_split_scan_matches_one_scan(monkeypatch, half):
     scan gives, also after removals have moved positions; float32 (older bundles) likewise."""
     import faiss
 
-    monkeypatch.setattr(V, "_cores", lambda: 3)  # three ranges, whatever this machine has
+    monkeypatch.setattr(V, "cpu_cores", lambda: 3)  # three ranges, whatever this machine has
     index = None if half else faiss.IndexIDMap2(faiss.IndexFlatIP(D))
     v = V.FlatVectors(D, index=index, fetch=fetch)
     v.add(IDS, XB)
