@@ -340,6 +340,15 @@ def _fsync(path: str | Path) -> None:
 _scan_pool = None
 
 
+def _forget_scan_pool() -> None:
+    global _scan_pool
+    _scan_pool = None  # a forked child has none of the parent's threads: start a new pool
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_scan_pool)
+
+
 def _split_pool():
     """Threads for splitting one query's exact scan (FAISS releases the GIL while it scans)."""
     global _scan_pool
