@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import resource
 from pathlib import Path
 
@@ -61,6 +60,7 @@ def run_measured(cmd: list[str], **kwargs):
 
 
 def cpu_count() -> int:
+    """The cores the benchmark may use (searchkit's own count)."""
     from searchkit.machine import cpu_cores
 
     return cpu_cores()

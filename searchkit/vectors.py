@@ -280,7 +280,11 @@ def plan_index(n: int, dim: int, requested: str = "auto", budget: int | None = N
         if p.memory <= limit:
             return p
     for p in options:
-        minimal.append(ivf_pq_bytes(n, dim, ivf_pq_params(n, dim, 0, on_disk=bool(p.params.get("on_disk")))) if p.kind == "ivf-pq" and ivf_min else p.memory)
+        if p.kind == "ivf-pq" and ivf_min:  # the fewest bytes per code, in RAM or on disk
+            smallest = ivf_pq_params(n, dim, 0, on_disk=True) if p.params.get("on_disk") else ivf_min
+            minimal.append(ivf_pq_bytes(n, dim, smallest))
+        else:
+            minimal.append(p.memory)
     need = min(minimal)
     raise BudgetError(
         f"no {'vector index' if requested == 'auto' else requested + ' index'} of {n:,} vectors of dimension {dim} "
