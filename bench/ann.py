@@ -147,11 +147,11 @@ def timed_single(vec, queries: np.ndarray, k: int = 10, *, split: bool = False) 
     split over the cores as searchkit does for single queries (not single-thread then)."""
     import faiss
 
-    from searchkit import vectors as V
+    from searchkit.vectors import flat
 
-    before, split_min = faiss.omp_get_max_threads(), V.SPLIT_SCAN_MIN
+    before, split_min = faiss.omp_get_max_threads(), flat.SPLIT_SCAN_MIN
     faiss.omp_set_num_threads(1)
-    V.SPLIT_SCAN_MIN = split_min if split else 1 << 62
+    flat.SPLIT_SCAN_MIN = split_min if split else 1 << 62
     try:
         vec.search(queries[:1], k)  # warm
         lat = []
@@ -161,7 +161,7 @@ def timed_single(vec, queries: np.ndarray, k: int = 10, *, split: bool = False) 
             lat.append(time.perf_counter() - t)
     finally:
         faiss.omp_set_num_threads(before)
-        V.SPLIT_SCAN_MIN = split_min
+        flat.SPLIT_SCAN_MIN = split_min
     lat = np.asarray(lat)
     return {
         "qps": round(float(len(lat) / lat.sum()), 1),

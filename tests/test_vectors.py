@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import searchkit
 from searchkit import vectors as V
+from searchkit.vectors import flat as vflat
 from searchkit.cli.main import app
 from searchkit.errors import BudgetError, UsageError
 from searchkit.filters import Filter, parse_size, parse_time_ns
@@ -187,15 +188,15 @@ def test_flat_split_scan_matches_one_scan(monkeypatch, half):
     scan gives, also after removals have moved positions; float32 (older bundles) likewise."""
     import faiss
 
-    monkeypatch.setattr(V, "cpu_cores", lambda: 3)  # three ranges, whatever this machine has
+    monkeypatch.setattr(vflat, "cpu_cores", lambda: 3)  # three ranges, whatever this machine has
     index = None if half else faiss.IndexIDMap2(faiss.IndexFlatIP(D))
     v = V.FlatVectors(D, index=index, fetch=fetch)
     v.add(IDS, XB)
     v.remove(IDS[::7])
     alive = np.setdiff1d(IDS, IDS[::7])
-    monkeypatch.setattr(V, "SPLIT_SCAN_MIN", 10**9)
+    monkeypatch.setattr(vflat, "SPLIT_SCAN_MIN", 10**9)
     whole = [v.search(XQ[i], 15) for i in range(5)]
-    monkeypatch.setattr(V, "SPLIT_SCAN_MIN", 100)
+    monkeypatch.setattr(vflat, "SPLIT_SCAN_MIN", 100)
     calls = []
     orig = V.FlatVectors._split_scan
     monkeypatch.setattr(V.FlatVectors, "_split_scan", lambda self, q, kk: calls.append(kk) or orig(self, q, kk))
