@@ -6,45 +6,14 @@ Parse, call `searchkit.fusion`, print. Progress lines (epochs, ablation runs) go
 
 from __future__ import annotations
 
-import functools
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-# `cli.main` registers this group while it is being imported, so nothing is imported from it at
-# module level here: the helpers below look it up when a command runs.
+from .output import handle_errors, print_json, stderr, table
 
-
-def handle_errors(fn):
-    """`cli.main.handle_errors`, resolved at call time (one-line errors and exit codes)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .main import handle_errors as handle
-
-        return handle(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-def _stderr(msg: str) -> None:
-    from .main import _stderr as write
-
-    write(msg)
-
-
-def _print_json(obj) -> None:
-    from .main import _print_json as write
-
-    write(obj)
-
-
-def _table(title: str, columns: list[str], rows: list[list]) -> None:
-    from .main import _table as draw
-
-    draw(title, columns, rows)
 
 fusion_app = typer.Typer(
     help="Supervised image+text classification on frozen encoder features: train, eval, predict, ablate.",
@@ -104,7 +73,7 @@ def _pct(x) -> str:
 def _epoch_line(prefix: str = ""):
     def show(s) -> None:
         val = "" if s.val_accuracy is None else f"  val loss {s.val_loss:.4f}  val acc {s.val_accuracy:5.1f}%"
-        _stderr(f"{prefix}epoch {s.epoch:3d}  loss {s.loss:.4f}  acc {s.accuracy:5.1f}%{val}  ({s.seconds:.1f}s)")
+        stderr(f"{prefix}epoch {s.epoch:3d}  loss {s.loss:.4f}  acc {s.accuracy:5.1f}%{val}  ({s.seconds:.1f}s)")
 
     return show
 
@@ -178,9 +147,9 @@ def train_cmd(
         "curve": str(out / CURVE_FILE),
     }
     if json_out:
-        _print_json(summary)
+        print_json(summary)
     else:
-        _table(
+        table(
             f"fusion model written to {out}",
             ["encoder", "method", "modality", "classes", "best epoch", "val acc %"],
             [[encoder.spec, fusion.method, fusion.modality, len(fusion.classes), summary["best_epoch"], _pct(summary["val_accuracy"])]],
@@ -225,14 +194,14 @@ def eval_cmd(
     atomic_write_bytes(png, confusion_png(report, title=f"{title}: accuracy {report.accuracy:.1f}%"))
     atomic_write_json(js, report.to_dict())
     if json_out:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
         return
-    _table(
+    table(
         f"{data} ({report.n} rows{', ' + drop.value + ' dropped' if drop else ''})",
         ["accuracy %", "macro-F1 %"],
         [[_pct(report.accuracy), _pct(report.macro_f1)]],
     )
-    _table(
+    table(
         "per class",
         ["class", "precision %", "recall %", "F1 %", "support"],
         [[c.label, _pct(c.precision), _pct(c.recall), _pct(c.f1), c.support] for c in report.classes],
@@ -267,10 +236,10 @@ def predict_cmd(
         atomic_write_bytes(plot, prediction_png(image_for_plot(image), pred.probabilities, text))
     result = pred.to_dict() | ({"plot": str(plot)} if plot else {})
     if json_out:
-        _print_json(result)
+        print_json(result)
         return
     ranked = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])
-    _table(f"label: {pred.label}", ["class", "probability %"], [[c, f"{100 * p:.1f}"] for c, p in ranked])
+    table(f"label: {pred.label}", ["class", "probability %"], [[c, f"{100 * p:.1f}"] for c, p in ranked])
     if plot:
         print(f"plot: {plot}")
 
@@ -318,7 +287,7 @@ def ablate_cmd(
     encoder = get_encoder(model)
 
     def show(run) -> None:
-        _stderr(f"{run.name}: accuracy {run.accuracy:.1f}%  macro-F1 {run.macro_f1:.1f}%  ({run.train_seconds:.1f}s)")
+        stderr(f"{run.name}: accuracy {run.accuracy:.1f}%  macro-F1 {run.macro_f1:.1f}%  ({run.train_seconds:.1f}s)")
 
     result = ablate(
         rows, encoder, eval_rows=eval_rows, test_split=test_split, methods=method_list, modalities=modality_list,
@@ -326,11 +295,11 @@ def ablate_cmd(
         cache_dir=cache_dir, on_run=show,
     )
     if json_out:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     from searchkit.fusion.ablation import TABLE_COLUMNS
 
-    _table(
+    table(
         f"ablation ({result.encoder}; {result.n_train} train rows, {result.n_eval} eval rows)",
         TABLE_COLUMNS,
         [r.row() for r in result.runs],

@@ -1,8 +1,4 @@
-"""`searchkit train` and `searchkit eval {retrieval,zeroshot}`: parse, call the library, print.
-
-Nothing from `.main` is imported at module level: `main` imports this module while it is still
-loading, so the helpers are imported inside the commands and `register`.
-"""
+"""`searchkit train` and `searchkit eval {retrieval,zeroshot}`: parse, call the library, print."""
 
 from __future__ import annotations
 
@@ -10,6 +6,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from .output import EXIT_PARTIAL, handle_errors, print_json, stderr, table
 
 ModelOpt = typer.Option("auto", "--model", "-m", help="Model spec: auto, mini, open_clip:ARCH@TAG, or a checkpoint folder.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (JSON) on stdout.")
@@ -64,7 +62,6 @@ def train_cmd(
 ):
     """Train projection heads on frozen towers (CLIP-style), optionally fine-tuning the image tower's
     last blocks, and write a checkpoint folder."""
-    from .main import _print_json, _stderr, _table
     from searchkit.train import TrainConfig, train
 
     config = TrainConfig(
@@ -99,9 +96,9 @@ def train_cmd(
         progress=not json_out,
     )
     if json_out:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
-    _table(
+    table(
         "epochs",
         ["epoch", "loss", "val mean R", "t2i R@1", "t2i R@10", "i2t R@1", "temp", "s"],
         [
@@ -111,10 +108,10 @@ def train_cmd(
         ],
     )
     rows, cols = _recall_rows(result.best)
-    _table(f"best epoch {result.best_epoch} (validation, %)", ["direction", *cols], rows)
-    _stderr(f"checkpoint: {result.checkpoint}  (use: --model {result.checkpoint})")
+    table(f"best epoch {result.best_epoch} (validation, %)", ["direction", *cols], rows)
+    stderr(f"checkpoint: {result.checkpoint}  (use: --model {result.checkpoint})")
     if result.plot:
-        _stderr(f"training curves: {result.plot}")
+        stderr(f"training curves: {result.plot}")
 
 
 def eval_retrieval_cmd(
@@ -125,15 +122,14 @@ def eval_retrieval_cmd(
     json_out: bool = JsonOpt,
 ):
     """Recall@1/5/10 text→image and image→text on an image–caption split."""
-    from .main import _print_json, _table
     from searchkit.evaluate import evaluate_retrieval
 
     report = evaluate_retrieval(model, captions, images, split=split)
     if json_out:
-        _print_json(report)
+        print_json(report)
         return
     rows, cols = _recall_rows(report["metrics"])
-    _table(
+    table(
         f"{report['model']}: {report['images']} images, {report['captions']} captions (%)",
         ["direction", *cols],
         rows + [["mean", _pct(report["metrics"]["mean"]), *[""] * (len(cols) - 1)]],
@@ -151,34 +147,32 @@ def eval_zeroshot_cmd(
     json_out: bool = JsonOpt,
 ):
     """Zero-shot top-1 / top-5 accuracy, per-class accuracy and a confusion-matrix PNG."""
-    from .main import EXIT_PARTIAL, _print_json, _stderr, _table
     from searchkit.evaluate import evaluate_zeroshot
 
     if plot is None and not no_plot:
         plot = Path(f"zeroshot-{folder.resolve().name}.png")
     report = evaluate_zeroshot(model, folder, templates=template, plot=None if no_plot else plot)
     if json_out:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
     else:
-        _table(
+        table(
             f"{report.model}: {report.n} images, {len(report.labels)} classes",
             ["top-1 %", "top-5 %"],
             [[_pct(report.top1), _pct(report.top5)]],
         )
-        _table("per class", ["class", "images", "accuracy %"], [
+        table("per class", ["class", "images", "accuracy %"], [
             [label, sum(report.confusion[i]), _pct(report.per_class[label])] for i, label in enumerate(report.labels)
         ])
         if report.plot:
-            _stderr(f"confusion matrix: {report.plot}")
+            stderr(f"confusion matrix: {report.plot}")
     for path, error in report.failed:
-        _stderr(f"failed: {path}: {error}")
+        stderr(f"failed: {path}: {error}")
     if report.failed:
         raise typer.Exit(EXIT_PARTIAL)
 
 
 def register(app: typer.Typer) -> None:
     """Add `train` and the `eval` group to the main app."""
-    from .main import handle_errors
 
     app.command("train")(handle_errors(train_cmd))
     eval_app = typer.Typer(help="Evaluate a model: retrieval recall, zero-shot accuracy.", no_args_is_help=True)
