@@ -34,12 +34,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .encoders import Encoder, get_encoder
-    from .index import Index, classify_images, open_index
+    from .index import Index, open_index
+    from .query import classify_images
 
 _LAZY = {
     "open_index": ".index",
     "Index": ".index",
-    "classify_images": ".index",
+    "classify_images": ".query",
     "get_encoder": ".encoders",
     "Encoder": ".encoders",
 }

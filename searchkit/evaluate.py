@@ -7,7 +7,7 @@ Ranks come from a stable sort of the scores (a tie goes to the item listed first
 are percentages.
 
 Zero-shot classification reads a folder with one sub-folder per class (the folder name, with
-`_` read as a space, is the label) and classifies with `searchkit.index.classify_images`.
+`_` read as a space, is the label) and classifies with `searchkit.query.classify_images`.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def evaluate_zeroshot(
 
     `encoder` is an Encoder or a spec, resolved after the folder has been checked.
     """
-    from .index import classify_images
+    from .query import classify_images
 
     classes = class_folders(root)
     encoder = _as_encoder(encoder)

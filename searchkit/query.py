@@ -1,0 +1,173 @@
+"""Queries: a query (text, image, embedding) embedded with the bundle's encoder, searched in one
+kind's vector index under an optional filter; zero-shot classification of images.
+
+Text goes through the bundle's torch-free text tower (text-onnx/, exported at the end of an
+`index` run) when it matches the encoder's fingerprint, so a cold text query never imports
+torch; any trouble there only costs speed: the full encoder answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import EmptyIndexError, InputError, UsageError
+from .results import ClassifyResult, SearchResult
+
+LOG = logging.getLogger(__name__)
+
+
+def export_text_tower(encoder, folder: Path) -> None:
+    """Export the text tower for torch-free queries, once per bundle (best effort)."""
+    if os.environ.get("SEARCHKIT_TEXT_ONNX") == "0":
+        return
+    try:
+        from .encoders.onnx import OnnxTextEncoder, export_text_query_model
+
+        if not OnnxTextEncoder.matches(folder, encoder.fingerprint):
+            export_text_query_model(encoder, folder)
+    except Exception as e:
+        LOG.warning("could not export the text tower for fast queries (%s); queries will load the full model", e)
+
+
+class Searcher:
+    """Search over one bundle. `vectors(kind)` gives a kind's index in step with meta.db;
+    `encoder()` loads the bundle's encoder, `loaded()` is it when already loaded (else None)."""
+
+    def __init__(self, bundle: Bundle, store, vectors: Callable[[str], Any], encoder: Callable[[], Any], loaded: Callable[[], Any]):
+        self.bundle = bundle
+        self.store = store
+        self.vectors = vectors
+        self.encoder = encoder
+        self.loaded = loaded
+        self.text: Any = None  # the text encoder of queries, once chosen
+
+    def text_encoder(self):
+        """The bundle's torch-free text tower (text-onnx/) when it matches, else the encoder."""
+        if self.loaded() is not None:
+            return self.loaded()
+        if self.text is None:
+            fingerprint = self.store.get_meta("encoder_fingerprint")
+            folder = self.bundle.text_onnx_dir
+            try:
+                from .encoders.onnx import OnnxTextEncoder
+
+                if fingerprint and OnnxTextEncoder.matches(folder, fingerprint):
+                    self.text = OnnxTextEncoder(folder)
+            except Exception as e:  # any failure here only costs speed: fall back to torch
+                LOG.info("text queries use the full encoder (%s)", e)
+            if self.text is None:
+                self.text = self.encoder()
+        return self.text
+
+    def embed(self, query) -> np.ndarray:
+        from PIL import Image
+
+        from .images import to_rgb
+
+        if isinstance(query, str):
+            if not query.strip():
+                raise UsageError("empty query text")
+            return self.text_encoder().encode_texts([query])
+        if isinstance(query, Path):
+            img = load_image_or_raise(query, draft_size=self.encoder().image_size)
+        elif isinstance(query, Image.Image):
+            img = to_rgb(query)
+        elif isinstance(query, np.ndarray):
+            return np.atleast_2d(query).astype(np.float32)
+        else:
+            raise UsageError(f"query must be text, an image path (pathlib.Path) or a PIL image, not {type(query).__name__}")
+        return self.encoder().encode_images([img])
+
+    def search(self, query, k: int = 10, kind: str = "image", *, where=None) -> list[SearchResult]:
+        """See `Index.search`."""
+        from .filters import Filter
+
+        if k < 1:
+            raise UsageError("k must be at least 1")
+        flt = Filter.of(where)
+        vec = self.vectors(kind)
+        if len(vec) == 0:
+            what = "images" if kind == "image" else "text items"
+            hint = "index a folder of images" if kind == "image" else "index a text corpus (.txt .csv .tsv .jsonl)"
+            raise EmptyIndexError(f"index '{self.bundle.name}' holds no {what}; {hint} first")
+        allowed = None
+        if flt is not None:
+            allowed = self.store.matching_ids(kind, *flt.sql())
+            if len(allowed) == 0:
+                return []
+        scores, ids = vec.search(self.embed(query), k, allowed=allowed)
+        rows = self.store.item_rows(i for i in ids[0] if i >= 0)
+        out = []
+        for score, i in zip(scores[0], ids[0]):
+            row = rows.get(int(i))
+            if row is None:
+                continue
+            out.append(
+                SearchResult(len(out) + 1, float(score), row["kind"], row["id"], row["path"], row["text"], row["locator"])
+            )
+        return out
+
+
+def load_image_or_raise(path, draft_size=None):
+    from .errors import DecodeError
+    from .images import load_image
+
+    try:
+        return load_image(path, draft_size=draft_size)
+    except DecodeError as e:
+        raise InputError(f"cannot read image {path}: {e}") from e
+
+
+def classify_images(encoder, images, labels, templates: Sequence[str] | None = None) -> list[ClassifyResult]:
+    """Zero-shot classification of images (paths, folders or PIL images) by nearest label prompt."""
+    from PIL import Image
+
+    from .errors import DecodeError
+    from .images import image_paths_under, load_image, to_rgb
+    from .zeroshot import check_templates, label_embeddings, parse_labels, probabilities
+
+    labels = parse_labels(labels)
+    templates = check_templates(templates)
+    items: list[tuple[str, Any]] = []
+    for x in [images] if isinstance(images, (str, os.PathLike, Image.Image)) else images:
+        if isinstance(x, Image.Image):
+            items.append((getattr(x, "filename", "") or "<image>", x))
+        elif os.path.isdir(x):
+            items.extend((p, p) for p in image_paths_under(x))
+        else:
+            items.append((str(x), str(x)))
+    if not items:
+        raise UsageError("no images to classify")
+    text_emb = label_embeddings(encoder, labels, templates)
+    results: list[ClassifyResult] = []
+    batch: list[tuple[str, Any]] = []
+
+    def flush():
+        if not batch:
+            return
+        emb = encoder.encode_images([img for _, img in batch])
+        probs = probabilities(emb, text_emb, encoder.logit_scale)
+        for (path, _), p in zip(batch, probs):
+            best = int(np.argmax(p))
+            results.append(ClassifyResult(path, labels[best], float(p[best]), dict(zip(labels, map(float, p)))))
+        batch.clear()
+
+    for name, x in items:
+        try:
+            img = to_rgb(x) if isinstance(x, Image.Image) else load_image(x, draft_size=encoder.image_size)
+        except DecodeError as e:
+            flush()
+            results.append(ClassifyResult(name, None, None, {}, error=str(e)))
+            continue
+        batch.append((name, img))
+        if len(batch) >= encoder.image_batch_size:
+            flush()
+    flush()
+    return results
