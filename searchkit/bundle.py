@@ -63,10 +63,6 @@ class Bundle:
         return self.path.name
 
     @property
-    def db_path(self) -> Path:
-        return self.path / META_DB
-
-    @property
     def text_onnx_dir(self) -> Path:
         return self.path / TEXT_ONNX_DIR
 

@@ -4,7 +4,6 @@ and HNSW kinds share. The kinds live in flat.py, hnsw.py and ivfpq.py."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptIndexError, UsageError
-from ..fsutil import fsync_dir, fsync_file
+from ..fsutil import atomic_write, fsync_file
 from .faissutil import load_faiss, no_results, on_disk_lists, prep_queries, quiet_stdout, threads_for, topk_rows, trim_columns
 from .plan import estimate_bytes
 
@@ -151,19 +150,10 @@ class Vectors:
         """Write atomically: a temporary sibling, fsync, rename, fsync the folder."""
         faiss = load_faiss()
         self._store_search_params()
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         data = self.data_file()
         if data is not None:  # the codes the new .faiss will point at reach the disk first
             fsync_file(data)
-        try:
-            faiss.write_index(self.index, str(tmp))
-            fsync_file(tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        fsync_dir(path.parent)
+        atomic_write(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
         self.dirty = False
 
     def _store_search_params(self) -> None:

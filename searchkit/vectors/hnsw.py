@@ -3,7 +3,7 @@
 HNSW cannot delete a node, so a removed id becomes a tombstone: its slot in the id map is set to
 -1 (that is saved with the index, nothing else to keep in step) and searches pass a selector
 that excludes it. The graph keeps routing through it. When tombstones pass TOMBSTONE_REBUILD of
-the nodes, the end of a run rebuilds the index (see searchkit/vector_store.py)."""
+the nodes, the end of a run rebuilds the index (see searchkit/kind_vectors.py)."""
 
 from __future__ import annotations
 
