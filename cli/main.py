@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from enum import Enum
@@ -60,6 +61,10 @@ def _stderr(msg: str) -> None:
 
 
 def _setup_logging(verbose: bool = False) -> None:
+    from searchkit.fsutil import show_undecodable
+
+    show_undecodable(sys.stdout)  # file names that are not UTF-8 print as \xNN
+    show_undecodable(sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("searchkit")
@@ -143,18 +148,23 @@ def _progress_bar(enabled: bool):
 
 
 def _print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    # a path that is not UTF-8 holds surrogate escapes: written as JSON \udcNN escapes, which
+    # keep the output valid UTF-8 and give Python's json.loads the exact os.fsdecode path back
+    text = json.dumps(obj, ensure_ascii=False)
+    sys.stdout.write(re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from searchkit.fsutil import display_path
+
     t = Table(title=title, title_justify="left", show_lines=False)
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        t.add_row(*[display_path(str(x)) for x in r])
     Console().print(t)
 
 

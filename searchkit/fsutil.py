@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from pathlib import Path
@@ -39,3 +40,30 @@ def fsync_dir(folder: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def display_path(path: str) -> str:
+    """A path as a person reads it: bytes of the name that are not UTF-8 (surrogate escapes in
+    Python's `os.fsdecode` form) shown as \\xNN. For showing only; the path itself stays exact."""
+    return path.encode("utf-8", "searchkit.display").decode("utf-8")
+
+
+def _show_surrogates(e: UnicodeError) -> tuple[str, int]:
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    chunk = e.object[e.start : e.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}" for c in chunk), e.end
+
+
+codecs.register_error("searchkit.display", _show_surrogates)
+
+
+def show_undecodable(stream: Any) -> None:
+    """Let a text stream print paths that are not UTF-8 (as display_path shows them) instead of
+    raising UnicodeEncodeError on their surrogate escapes."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="searchkit.display")
+        except (ValueError, OSError):  # a closed or detached stream: nothing to print on anyway
+            pass

@@ -188,7 +188,8 @@ class _Run:
 
         pending: list[Decoded] = []
         n_ok = 0
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="searchkit-decode") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="searchkit-decode")
+        try:
             t0 = time.perf_counter()
             for d in ordered_map(pool, decode, jobs, window=max(2 * batch_size, 2 * workers)):
                 self.times.read += time.perf_counter() - t0
@@ -199,6 +200,11 @@ class _Run:
                     pending, n_ok = [], 0
                 t0 = time.perf_counter()
             self._write_images(pending)
+        except BaseException:
+            # Ctrl-C or an error: drop the queued reads instead of waiting for all of them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
     def _write_images(self, pending: list[Decoded]) -> None:
         if not pending:
