@@ -67,3 +67,36 @@ def test_non_regular_files_are_recorded_not_opened(tmp_path):
     with pytest.raises(DecodeError, match="character device"):
         read_bytes("/dev/null")
     assert stat.S_ISFIFO(os.stat(d / "pipe.jpg").st_mode)
+
+
+UNCLOSED = 'text,n\ngood one,1\ngood two,2\n"an unclosed quoted field,3\nfour,4\nfive,5\nsix,6\nseven,7\n'
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv", "jsonl"])
+def test_a_broken_row_is_recorded_and_the_rows_after_it_are_kept(tmp_path, ext):
+    if ext == "jsonl":
+        rows = ["good one", "good two", None, "four", "five", "six", "seven"]
+        body = "".join((json.dumps({"text": r}) if r else '{"text": "an unclosed string') + "\n" for r in rows)
+    else:
+        body = UNCLOSED if ext == "csv" else UNCLOSED.replace(",", "\t")
+    corpus = tmp_path / f"docs.{ext}"
+    corpus.write_text(body)
+    s = build([corpus])
+    assert (s.added, s.failed) == (6, 1)
+    line = 3 if ext == "jsonl" else 4  # (the CSV header is line 1)
+    (path, reason), = s.failures
+    assert path == f"{corpus}:{line}"
+    assert ("never closed" in reason) if ext != "jsonl" else ("invalid JSON" in reason)
+    with searchkit.open_index("t") as idx:
+        texts = {r.text for r in idx.search("x", k=10, kind="text")}
+    assert texts == {"good one", "good two", "four", "five", "six", "seven"}
+
+
+def test_csv_quoting_that_is_valid_still_parses(tmp_path):
+    from searchkit.sources import parse_corpus
+
+    c = parse_corpus("x.csv", b'text\n"two\nlines"\n"a ""quote"""\n"bad"x\nlast\n')
+    assert c.docs == [(2, "two\nlines"), (4, 'a "quote"'), (6, "last")]
+    assert [n for n, _ in c.bad_lines] == [5]
+    c = parse_corpus("x.jsonl", b'{"text": "a"}\n' + b"[" * 100_000 + b'\n{"text": {"k": 1}}\n')
+    assert c.docs == [(1, "a")] and [n for n, _ in c.bad_lines] == [2, 3]
