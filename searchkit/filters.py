@@ -57,7 +57,7 @@ def parse_size(value: SizeLike, *, what: str = "size") -> int:
         return INT64_MAX if value > INT64_MAX else int(value)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(value), re.IGNORECASE | re.ASCII)
     if not m:
-        raise UsageError(f"bad {what} '{value}'; use bytes or a number with K, M, G or T (e.g. 4G)")
+        raise UsageError(f"bad {what} {str(value)!r}; use bytes or a number with K, M, G or T (e.g. 4G)")
     whole, _, frac = m.group(1).partition(".")
     unit = _UNITS[m.group(2).upper()]
     if len(whole.lstrip("0")) > 20:  # beyond 8 EiB whatever the unit; no need to multiply it out
@@ -84,7 +84,7 @@ def parse_time_ns(value: DateLike, *, what: str = "date") -> int:
         try:
             dt = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
         except ValueError:
-            raise UsageError(f"bad {what} '{value}'; use an ISO date like 2024-05-01 or 2024-05-01T13:30") from None
+            raise UsageError(f"bad {what} {str(value)!r}; use an ISO date like 2024-05-01 or 2024-05-01T13:30") from None
     if dt.tzinfo is None:
         try:
             dt = dt.astimezone()  # naive: local time, as file dates are usually thought of
