@@ -536,6 +536,9 @@ class Index:
                 f"index '{self.name}' is being written by another searchkit process; wait for it to finish"
             ) from e
         self._lock_fd = fd
+        from .recovery import remove_leftovers
+
+        remove_leftovers(self.path)  # what a killed writer left
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -592,17 +595,10 @@ class Index:
         return self._text_query
 
     def _ensure_text_query_model(self) -> None:
-        """Export the text tower for torch-free queries, once per bundle (best effort)."""
-        if self._encoder is None or os.environ.get("SEARCHKIT_TEXT_ONNX") == "0":
-            return
-        folder = self.path / TEXT_ONNX_DIR
-        try:
-            from .encoders.onnx import OnnxTextEncoder, export_text_query_model
+        """Export the text tower for torch-free queries when missing or stale (best effort)."""
+        from .recovery import finish_derived
 
-            if not OnnxTextEncoder.matches(folder, self._encoder.fingerprint):
-                export_text_query_model(self._encoder, folder)
-        except Exception as e:
-            LOG.warning("could not export the text tower for fast queries (%s); queries will load the full model", e)
+        finish_derived(self)
 
     def _embed_query(self, query) -> np.ndarray:
         from PIL import Image
