@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import os
+import re
+import sqlite3
 from pathlib import Path
 from typing import Any
+
+from .errors import StorageError
+
+#: errno values that mean "this disk will not take the write", not "this input is bad"
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -19,6 +27,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        err = storage_error(e, path)
+        if err is None:
+            raise
+        raise err from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -67,3 +80,26 @@ def show_undecodable(stream: Any) -> None:
             reconfigure(errors="searchkit.display")
         except (ValueError, OSError):  # a closed or detached stream: nothing to print on anyway
             pass
+
+
+def storage_error(e: BaseException, where: str | Path) -> StorageError | None:
+    """A StorageError with one clear line if `e` is the disk refusing a write (no space, a
+    file-size limit, read-only, I/O error: from Python, SQLite or FAISS), else None."""
+    reason = None
+    if isinstance(e, StorageError):
+        return e
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        reason = e.strerror or os.strerror(e.errno)
+    elif isinstance(e, sqlite3.Error):
+        name = getattr(e, "sqlite_errorname", "") or ""
+        if name.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY")) or re.search(r"disk I/O error|disk is full", str(e)):
+            reason = f"SQLite: {e}"
+    elif isinstance(e, RuntimeError) and "write error" in str(e):  # FAISS: "... write error in F: n != m (why)"
+        m = re.search(r"\(([^()]*)\)\s*$", str(e))
+        reason = m.group(1) if m else "write error"
+    if reason is None:
+        return None
+    return StorageError(
+        f"cannot write the index at {where}: {reason} (no space left, or over a file-size limit?); "
+        "what was committed is kept: free space and run the command again"
+    )

@@ -92,6 +92,11 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as e:
+            from .fsutil import storage_error
+
+            full = storage_error(e, self.path)  # (the disk, not the file: say so)
+            if full is not None:
+                raise full from e
             raise CorruptIndexError(f"{self.path} is not a searchkit metadata database: {e}") from e
 
     def close(self) -> None:
