@@ -53,6 +53,12 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise DecodeError("symlink loop") from e
+        try:  # a socket refuses open() itself (ENXIO): name what it is
+            mode = os.stat(p).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise DecodeError(f"not a regular file ({_file_type(mode)})") from e
         raise DecodeError(f"cannot read: {e.strerror or e}") from e
     try:
         mode = os.fstat(fd).st_mode

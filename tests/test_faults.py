@@ -23,6 +23,7 @@ import searchkit
 from tests import faultlib
 from tests.conftest import TINY, make_images
 
+pytestmark = pytest.mark.slow  # (each test starts real searchkit processes)
 FAULTLIB = Path(faultlib.__file__)
 N_IMAGES = 14
 BATCH = 3
