@@ -11,7 +11,7 @@ import stat
 import pytest
 
 import searchkit
-from tests.conftest import TINY, make_images, noise_image, run_cli
+from tests.conftest import TINY, make_images, noise_image
 
 BAD_NAME = os.fsdecode(b"bad-\xff-name.jpg")  # Linux names are bytes; this one is not UTF-8
 
@@ -39,12 +39,17 @@ def test_a_name_that_is_not_utf8_is_indexed_losslessly(tmp_path):
     s = build([d])
     assert (s.updated, s.removed, s.added) == (1, 0, 0)  # a move of such a file keeps its vector
     # the CLI shows it readably, and its JSON gives Python the exact path back
-    r = run_cli("query", "--image", str(d / os.fsdecode(b"moved-\xfe.jpg")), "--index", "t", "-k", "1", "--json")
-    assert r.returncode == 0, r.stderr
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["query", "--image", str(d / os.fsdecode(b"moved-\xfe.jpg")), "--index", "t", "-k", "1", "--json"])
+    assert r.exit_code == 0, r.stderr
     assert os.fsencode(json.loads(r.stdout)["path"]).endswith(b"moved-\xfe.jpg")
-    assert "\\udcfe" in r.stdout  # valid UTF-8 on the wire
-    r = run_cli("query", "x", "--index", "t", "--where-path", "*moved*")
-    assert r.returncode == 0 and "moved-\\xfe.jpg" in r.stdout, r.stdout + r.stderr
+    assert "\\udcfe" in r.stdout and r.stdout_bytes.decode("utf-8")  # valid UTF-8 on the wire
+    r = runner.invoke(app, ["query", "x", "--index", "t", "--where-path", "*moved*"])
+    assert r.exit_code == 0 and "moved-\\xfe.jpg" in r.stdout, r.stdout + r.stderr
 
 
 def test_non_regular_files_are_recorded_not_opened(tmp_path):
