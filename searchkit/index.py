@@ -23,7 +23,7 @@ from .bundle import (
 )
 from .errors import EmptyIndexError, IndexNotFoundError, ModelMismatchError, UsageError
 from .kind_vectors import BundleVectors
-from .query import Searcher, classify_images, export_text_tower, load_image_or_raise
+from .query import Searcher, classify_images, load_image_or_raise
 from .results import AddSummary, ClassifyResult, SearchResult
 from .store import Store
 
@@ -193,9 +193,10 @@ class Index:
         return summary
 
     def _ensure_text_query_model(self) -> None:
-        """Export the text tower for torch-free queries once the encoder is loaded (best effort)."""
-        if self._encoder is not None:
-            export_text_tower(self._encoder, self.bundle.text_onnx_dir)
+        """Export the text tower for torch-free queries when missing or stale (best effort)."""
+        from .recovery import finish_derived
+
+        finish_derived(self)
 
     def search(self, query, k: int = 10, kind: str = "image", *, where=None) -> list[SearchResult]:
         """The k items of `kind` nearest to a text (str), an image (PIL or pathlib.Path) or an

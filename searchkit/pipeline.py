@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DecodeError
+from .fsutil import storage_error
 from .images import decode_image, read_bytes
 from .results import AddSummary
 from .sources import discover, parse_corpus, resolve_roots
@@ -188,7 +190,8 @@ class _Run:
 
         pending: list[Decoded] = []
         n_ok = 0
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="searchkit-decode") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="searchkit-decode")
+        try:
             t0 = time.perf_counter()
             for d in ordered_map(pool, decode, jobs, window=max(2 * batch_size, 2 * workers)):
                 self.times.read += time.perf_counter() - t0
@@ -199,6 +202,11 @@ class _Run:
                     pending, n_ok = [], 0
                 t0 = time.perf_counter()
             self._write_images(pending)
+        except BaseException:
+            # Ctrl-C or an error: drop the queued reads instead of waiting for all of them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
     def _write_images(self, pending: list[Decoded]) -> None:
         if not pending:
@@ -320,6 +328,24 @@ class _Run:
         self.progress(1, self.total_work)
 
 
+def _rollback(store) -> None:
+    try:
+        store.db.conn.rollback()
+    except sqlite3.Error:
+        pass
+
+
+def _save_if_changed(idx, start_generation: int) -> None:
+    """Save the FAISS files and manifest when this run changed anything they describe."""
+    manifest = idx.read_manifest() or {}
+    stale = any(
+        (manifest.get("vectors") or {}).get(k, {}).get("generation") != idx.store.generation or idx._vectors[k].dirty
+        for k in ("image", "text")
+    )
+    if stale or idx.store.generation != start_generation or manifest.get("counts", {}).get("failures") != len(idx.store.failures()):
+        idx.save()
+
+
 def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, progress=None) -> AddSummary:
     """The body of `Index.add` (see there)."""
     roots = resolve_roots(paths)
@@ -328,6 +354,7 @@ def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, pr
     start_generation = idx.store.generation
     for kind in ("image", "text"):
         idx.vectors(kind)  # load (or rebuild, after a killed run) before changing anything
+    disk_failed = False
     try:
         found, unlisted = discover(roots)
         image_jobs, text_jobs = run.plan(roots, found, unlisted)
@@ -341,14 +368,25 @@ def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, pr
             run.images(image_jobs, batch, n_workers)
             run.texts(text_jobs, text_column)
         idx.maintain_vectors()  # (re)build / retrain approximate indexes; not after an interruption
+    except Exception as e:
+        err = storage_error(e, idx.path)
+        if err is None:
+            raise
+        # the disk refused a write: the transaction in flight is rolled back and nothing more is
+        # written (the FAISS files and manifest on disk stay a consistent older state, which the
+        # next run catches up from meta.db)
+        disk_failed = True
+        _rollback(idx.store)
+        raise err from e
     finally:
-        manifest = idx.read_manifest() or {}
-        stale = any(
-            (manifest.get("vectors") or {}).get(k, {}).get("generation") != idx.store.generation or idx._vectors[k].dirty
-            for k in ("image", "text")
-        )
-        if stale or idx.store.generation != start_generation or manifest.get("counts", {}).get("failures") != len(idx.store.failures()):
-            idx.save()
+        if not disk_failed:
+            try:
+                _save_if_changed(idx, start_generation)
+            except Exception as e:
+                err = storage_error(e, idx.path)
+                if err is None:
+                    raise
+                raise err from e
         LOG.info(
             "stage seconds: read-wait %.2f, encode %.2f, write %.2f",
             run.times.read, run.times.encode, run.times.write,

@@ -130,7 +130,7 @@ def export_text_query_model(enc: Encoder, folder: Path) -> bool:
             return enc.text_forward(tokens)
 
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=".text-onnx-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".text-onnx-{os.getpid()}-", dir=folder.parent))
     try:
         example = bpe(["a photo of a dog", "x"]).to(enc.device)[:, :8]
         _export(TextTower().eval(), example, tmp / "text.onnx", "tokens", {0: ("batch", 1, 4096), 1: ("length", 2, int(bpe.context_length))})
