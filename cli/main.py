@@ -360,10 +360,11 @@ def reindex_cmd(
 
 
 def _register_command_groups() -> None:
-    from . import fusion, train_eval
+    from . import fusion, serve, train_eval
 
     train_eval.register(app)
     fusion.register(app)
+    serve.register(app)
 
 
 _register_command_groups()
