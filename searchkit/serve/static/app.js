@@ -26,15 +26,21 @@ async function api(path, options = {}) {
 
 const apiJSON = async (path, options) => (await api(path, options)).json();
 
+let tokenPrompt = null;  // one prompt however many requests were refused at once
+
 function askToken() {
-  return new Promise((resolve) => {
+  if (tokenPrompt) return tokenPrompt;
+  tokenPrompt = new Promise((resolve, reject) => {
     const dlg = $("#token");
     $("#token-form").onsubmit = () => {
       sessionStorage.setItem("searchkit-token", $("#token-input").value.trim());
+      tokenPrompt = null;
       resolve();
     };
-    if (!dlg.open) dlg.showModal();
+    dlg.oncancel = () => { tokenPrompt = null; reject(new Error("this server needs a token")); };
+    dlg.showModal();
   });
+  return tokenPrompt;
 }
 
 // Images are fetched with the token (an <img src> cannot send one) when they scroll into view.

@@ -72,9 +72,10 @@ async def original(item_id: int, bundle: ServedBundle = Depends(bundle_param)) -
     """The original image file, exactly as indexed."""
     row = await run_in_threadpool(bundle.item, item_id)
     fd, st = await run_in_threadpool(open_item_file, row)
+    f = os.fdopen(fd, "rb")  # a file object: closed when dropped, even if never streamed
 
     def chunks():
-        with os.fdopen(fd, "rb") as f:
+        with f:
             while block := f.read(CHUNK):
                 yield block
 
