@@ -9,7 +9,9 @@ Flickr8k photos when ../shared/data is there, generated ones otherwise) so thumb
 from real files. Measured, in this order: the in-process library search (`Index.search`, warm,
 one query at a time: the reference); the server's first thumbnails (each id once, 4 clients:
 made from the file); then for 1, 4 and 16 clients, each for --seconds: text searches (k=10), and
-thumbnails (the page's size and format, ids at random: mostly from the cache). Every client
+thumbnails (the page's size and format, ids at random: mostly from the cache); and the busiest
+level's searches again against a server started with micro-batching off
+(SEARCHKIT_SERVE_MAX_BATCH=1), to show what batching gives under the same load. Every client
 keeps one keep-alive connection and sends its next request when the last one is answered.
 Prints one JSON object: QPS, p50, p99 and errors per level. Targets (issue 12, 2 cores): zero
 errors; single-client search p50 <= 1.5x the library's; 16-client search QPS >= 1.5x
@@ -86,13 +88,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, port: int) -> tuple[subprocess.Popen, float]:
+def start_server(bundle: Path, port: int, env: dict | None = None) -> tuple[subprocess.Popen, float]:
     import httpx
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "searchkit.cli", "serve", "--index", str(bundle), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
     while True:
         try:
@@ -200,8 +202,19 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        # the same busiest level against a server that answers one query at a time
+        port = free_port()
+        proc, _ = start_server(bundle, port, {"SEARCHKIT_SERVE_MAX_BATCH": "1"})
+        try:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(20):
+                httpx.get(base + "/api/search", params={"q": "warm", "k": 10}, timeout=120).raise_for_status()
+            unbatched = asyncio.run(load(base, levels[-1], args.seconds, search))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
     one, top = out_search[str(levels[0])], out_search[str(levels[-1])]
-    errors = sum(r["errors"] for r in [*out_search.values(), *out_thumb.values(), cold])
+    errors = sum(r["errors"] for r in [*out_search.values(), *out_thumb.values(), cold, unbatched])
     print(
         json.dumps(
             {
@@ -217,11 +230,13 @@ def main() -> None:
                 "search": out_search,
                 "thumbnail_first": cold,
                 "thumbnail": out_thumb,
+                f"search_{levels[-1]}_clients_without_batching": unbatched,
                 "targets": {
                     "zero_errors": errors == 0,
                     "single_client_p50_vs_library": round(one["p50_ms"] / library["p50"], 2),
                     "single_client_p50_within_1.5x": one["p50_ms"] <= 1.5 * library["p50"],
                     f"qps_{levels[-1]}_vs_1": round(top["qps"] / one["qps"], 2),
+                    f"qps_{levels[-1]}_batched_vs_unbatched": round(top["qps"] / unbatched["qps"], 2),
                     "qps_ratio_at_least_1.5": top["qps"] >= 1.5 * one["qps"],
                     f"p99_{levels[-1]}_clients_le_250ms": top["p99_ms"] is not None and top["p99_ms"] <= 250,
                 },

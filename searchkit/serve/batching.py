@@ -10,6 +10,7 @@ whatever is queued when the worker gets to it.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -23,7 +24,9 @@ from ..results import SearchResult
 if TYPE_CHECKING:
     from .bundles import ServedBundle
 
-MAX_BATCH = 32
+#: the most queries encoded together; SEARCHKIT_SERVE_MAX_BATCH=1 turns batching off (for
+#: bench/serve_load.py's comparison)
+MAX_BATCH = int(os.environ.get("SEARCHKIT_SERVE_MAX_BATCH", "32"))
 
 
 @dataclass
@@ -67,9 +70,9 @@ def search_many(idx, emb: np.ndarray, ks: list[int], kind: str) -> list[list[Sea
 class TextBatcher:
     """A worker thread per bundle that answers the text queries queued for it, in batches."""
 
-    def __init__(self, bundle: ServedBundle, max_batch: int = MAX_BATCH):
+    def __init__(self, bundle: ServedBundle, max_batch: int | None = None):
         self.bundle = bundle
-        self.max_batch = max_batch
+        self.max_batch = max(1, max_batch or MAX_BATCH)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
