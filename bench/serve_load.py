@@ -13,7 +13,7 @@ thumbnails (the page's size and format, ids at random: mostly from the cache); a
 level's searches again against a server started with micro-batching off
 (SEARCHKIT_SERVE_MAX_BATCH=1), to show what batching gives under the same load. Every client
 keeps one keep-alive connection and sends its next request when the last one is answered.
-Prints one JSON object: QPS, p50, p99 and errors per level. Targets (issue 12, 2 cores): zero
+Prints one JSON object: QPS, p50, p99, errors and the server's CPU time per request per level. Targets (issue 12, 2 cores): zero
 errors; single-client search p50 <= 1.5x the library's; 16-client search QPS >= 1.5x
 single-client; 16-client p99 <= 250 ms.
 """
@@ -80,6 +80,21 @@ def library_search(bundle: Path, qs: list[str]) -> dict:
             idx.search(q, k=10)
             times.append(time.perf_counter() - t0)
     return {"p50": round(pct(times, 50), 2), "p99": round(pct(times, 99), 2)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, run) -> dict:
+    """`run()`'s result plus the server's CPU milliseconds per answered request: unlike wall
+    times, this hardly depends on what else the machine is running."""
+    c0 = cpu_seconds(pid)
+    out = run()
+    out["server_cpu_ms_per_request"] = round((cpu_seconds(pid) - c0) * 1000 / max(1, out["requests"]), 2)
+    return out
 
 
 def free_port() -> int:
@@ -194,11 +209,12 @@ def main() -> None:
             for _ in range(20):  # warm connections and the batcher's thread
                 httpx.get(base + "/api/search", params={"q": "warm", "k": 10}).raise_for_status()
             out_search, out_thumb = {}, {}
-            cold = asyncio.run(load(base, 4, 120, thumb_cold, limit=len(ids)))
+            pid = proc.pid
+            cold = measured(pid, lambda: asyncio.run(load(base, 4, 120, thumb_cold, limit=len(ids))))
             for n in levels:
-                out_search[str(n)] = asyncio.run(load(base, n, args.seconds, search))
+                out_search[str(n)] = measured(pid, lambda: asyncio.run(load(base, n, args.seconds, search)))
             for n in levels:
-                out_thumb[str(n)] = asyncio.run(load(base, n, args.seconds, thumb))
+                out_thumb[str(n)] = measured(pid, lambda: asyncio.run(load(base, n, args.seconds, thumb)))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -209,7 +225,7 @@ def main() -> None:
             base = f"http://127.0.0.1:{port}"
             for _ in range(20):
                 httpx.get(base + "/api/search", params={"q": "warm", "k": 10}, timeout=120).raise_for_status()
-            unbatched = asyncio.run(load(base, levels[-1], args.seconds, search))
+            unbatched = measured(proc.pid, lambda: asyncio.run(load(base, levels[-1], args.seconds, search)))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
