@@ -198,6 +198,11 @@ class Index:
 
         finish_derived(self)
 
+    def text_encoder(self):
+        """What text queries are embedded with: the bundle's torch-free text tower when it
+        matches the encoder, else the encoder itself (loaded on first use)."""
+        return self._searcher.text_encoder()
+
     def search(self, query, k: int = 10, kind: str = "image", *, where=None) -> list[SearchResult]:
         """The k items of `kind` nearest to a text (str), an image (PIL or pathlib.Path) or an
         embedding; best first.

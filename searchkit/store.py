@@ -282,3 +282,21 @@ class Store:
     def failures(self) -> list[dict]:
         cur = self.db.execute("SELECT path, reason, at FROM failures ORDER BY path")
         return [{"path": from_db(p), "reason": r, "at": a} for p, r, a in cur]
+
+    # -- reads for the server -------------------------------------------------------------------
+    def item(self, item_id: int) -> dict | None:
+        """One item with its file row (path, size, mtime_ns), or None; ids beyond SQLite's
+        integer range are simply absent."""
+        if not 0 <= int(item_id) < 2**63:
+            return None
+        row = self.db.execute(
+            "SELECT items.id, items.kind, items.locator, items.text, files.path, files.size, files.mtime_ns "
+            "FROM items JOIN files ON files.id = items.file_id WHERE items.id = ?",
+            [int(item_id)],
+        ).fetchone()
+        if row is None:
+            return None
+        keys = ("id", "kind", "locator", "text", "path", "size", "mtime_ns")
+        out = dict(zip(keys, row))
+        out["path"] = from_db(out["path"])
+        return out
