@@ -53,6 +53,23 @@ class Decoded:
     reason: str | None = None
 
 
+def decode_job(job: Job, draft_size: int, preprocess: Callable) -> Decoded:
+    """Read, hash, draft-decode and preprocess one image (in a decode thread or a Ray task)."""
+    try:
+        data = read_bytes(job.path)
+        h = job.known_hash or content_hash(data)
+        if job.row and job.row["hash"] == h:
+            return Decoded(job, "same", h)
+        img = decode_image(data, draft_size=draft_size)
+        del data
+        return Decoded(job, "ok", h, preprocess(img))
+    except DecodeError as e:
+        return Decoded(job, "fail", reason=str(e))
+    except Exception as e:  # a transform that chokes on a strange image
+        LOG.debug("decode failed", exc_info=True)
+        return Decoded(job, "fail", reason=f"{type(e).__name__}: {e}")
+
+
 @dataclass
 class StageTimes:
     """Seconds spent per stage (reader: waiting on decode; encoder; writer), logged at the end."""
@@ -172,19 +189,7 @@ class _Run:
         enc = self.idx.encoder
 
         def decode(job: Job) -> Decoded:
-            try:
-                data = read_bytes(job.path)
-                h = job.known_hash or content_hash(data)
-                if job.row and job.row["hash"] == h:
-                    return Decoded(job, "same", h)
-                img = decode_image(data, draft_size=enc.image_size)
-                del data
-                return Decoded(job, "ok", h, enc.preprocess(img))
-            except DecodeError as e:
-                return Decoded(job, "fail", reason=str(e))
-            except Exception as e:  # a transform that chokes on a strange image
-                LOG.debug("decode failed", exc_info=True)
-                return Decoded(job, "fail", reason=f"{type(e).__name__}: {e}")
+            return decode_job(job, enc.image_size, enc.preprocess)
 
         pending: list[Decoded] = []
         n_ok = 0
@@ -205,12 +210,18 @@ class _Run:
             return
         import torch
 
-        store, summary = self.store, self.summary
         oks = [d for d in pending if d.status == "ok"]
         t0 = time.perf_counter()
         vecs = self.idx.encoder.encode_image_tensors(torch.stack([d.tensor for d in oks])) if oks else None
+        self.times.encode += time.perf_counter() - t0
+        self.commit_images(pending, vecs)
+
+    def commit_images(self, pending: list[Decoded], vecs: np.ndarray | None) -> None:
+        """One transaction for a batch of decoded images; `vecs` holds the embeddings of its
+        "ok" entries, in order (every engine ends here, so the bundle is the same whichever ran)."""
+        store, summary = self.store, self.summary
+        oks = [d for d in pending if d.status == "ok"]
         t1 = time.perf_counter()
-        self.times.encode += t1 - t0
         added_ids: list[int] = []
         removed: list[int] = []
         with store.transaction():
@@ -249,6 +260,18 @@ class _Run:
         for job in jobs:
             self._corpus(job, text_column)
 
+    def encode_texts(self, todo: list[tuple[int, str]]) -> Iterator[tuple[list[tuple[int, str]], np.ndarray]]:
+        """(chunk of (line, text), their embeddings) for every document to encode; an engine
+        may replace this and yield the chunks in any order."""
+        enc = self.idx.encoder
+        step = enc.text_batch_size
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            t0 = time.perf_counter()
+            vecs = enc.encode_texts([t for _, t in chunk])
+            self.times.encode += time.perf_counter() - t0
+            yield chunk, vecs
+
     def _fail(self, path: str, reason: str) -> None:
         self.store.record_failure(path, reason)
         self.summary.failed += 1
@@ -273,7 +296,6 @@ class _Run:
             self.progress(1, self.total_work)
             return
         del data
-        enc = self.idx.encoder
         with store.transaction():
             old_hash = job.row["hash"] if job.row else None
             fid = store.upsert_file(job.path, "text", job.size, job.mtime_ns, old_hash, False)
@@ -291,13 +313,8 @@ class _Run:
             else:
                 todo.append((line, text))
         self.total_work += len(todo)
-        step = enc.text_batch_size
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
-            t0 = time.perf_counter()
-            vecs = enc.encode_texts([t for _, t in chunk])
+        for chunk, vecs in self.encode_texts(todo):
             t1 = time.perf_counter()
-            self.times.encode += t1 - t0
             with store.transaction():
                 ids = [store.insert_item(fid, "text", v, line, text) for (line, text), v in zip(chunk, vecs)]
                 store.bump_generation()
@@ -320,11 +337,18 @@ class _Run:
         self.progress(1, self.total_work)
 
 
-def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, progress=None) -> AddSummary:
-    """The body of `Index.add` (see there)."""
+def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, progress=None, engine=None) -> AddSummary:
+    """The body of `Index.add` (see there). `engine`: None or "local" (this process), "ray",
+    or a `searchkit.pipeline_ray.RayEngine`; only decoding and encoding differ between them."""
     roots = resolve_roots(paths)
     summary = AddSummary(index=str(idx.path), model=idx.spec or "")
     run = _Run(idx, summary, progress)
+    if engine not in (None, "local"):
+        from .pipeline_ray import RayEngine
+
+        engine = RayEngine.coerce(engine)
+    else:
+        engine = None
     start_generation = idx.store.generation
     for kind in ("image", "text"):
         idx.vectors(kind)  # load (or rebuild, after a killed run) before changing anything
@@ -338,10 +362,16 @@ def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, pr
             enc = idx.encoder
             batch = batch_size or enc.image_batch_size
             n_workers = workers or min(8, max(2, os.cpu_count() or 2))
-            run.images(image_jobs, batch, n_workers)
+            if engine is None:
+                run.images(image_jobs, batch, n_workers)
+            else:
+                engine.images(run, image_jobs, batch)
+                run.encode_texts = lambda todo: engine.encode_texts(run, todo)
             run.texts(text_jobs, text_column)
         idx.maintain_vectors()  # (re)build / retrain approximate indexes; not after an interruption
     finally:
+        if engine is not None:
+            engine.close()
         manifest = idx.read_manifest() or {}
         stale = any(
             (manifest.get("vectors") or {}).get(k, {}).get("generation") != idx.store.generation or idx._vectors[k].dirty
