@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DecodeError
+from .remote import is_url
+from .remote import read as read_url
 
 #: file extensions indexed as images (lower case)
 IMAGE_EXTENSIONS = frozenset(
@@ -34,6 +36,8 @@ def is_image_path(path: str | os.PathLike) -> bool:
 def read_bytes(path: str | os.PathLike) -> bytes:
     """The file's bytes, or DecodeError naming why they cannot be had."""
     p = str(path)
+    if is_url(p):
+        return read_url(p)
     try:
         with open(p, "rb") as f:
             data = f.read()

@@ -24,6 +24,8 @@ import numpy as np
 
 from .errors import DecodeError
 from .images import decode_image, read_bytes
+from .remote import is_url
+from .remote import stat as url_stat
 from .results import AddSummary
 from .sources import discover, parse_corpus, resolve_roots
 
@@ -121,8 +123,11 @@ class _Run:
         new: list[Job] = []
         for path, kind in found.items():
             try:
-                st = os.stat(path)
-                size, mtime = st.st_size, st.st_mtime_ns
+                if is_url(path):
+                    size, mtime = url_stat(path)
+                else:
+                    st = os.stat(path)
+                    size, mtime = st.st_size, st.st_mtime_ns
             except OSError:
                 size, mtime = -1, -1  # reading it will fail and say why
             row = known.get(path)
@@ -347,6 +352,7 @@ def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, pr
         from .pipeline_ray import RayEngine
 
         engine = RayEngine.coerce(engine)
+        engine.start()  # a missing extra or an unreachable cluster fails before anything changes
     else:
         engine = None
     start_generation = idx.store.generation
