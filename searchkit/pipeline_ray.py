@@ -73,9 +73,10 @@ def decode_batch(batch: dict[str, np.ndarray], draft_size: int, transform) -> di
 
 
 class EncoderActor:
-    """Ray actor body: the driver's encoder, loaded once per actor, on the actor's own device."""
+    """Ray actor body: the driver's encoder, loaded once per actor, on the actor's own device.
+    Called by Ray Data with batches of decoded images; `texts` is called directly."""
 
-    def __init__(self, spec: str, fingerprint: str, device: str, env: dict[str, str], mode: str, shape: tuple[int, ...]):
+    def __init__(self, spec: str, fingerprint: str, device: str, env: dict[str, str], shape: tuple[int, ...]):
         os.environ.update(env)
         import warnings
 
@@ -88,14 +89,15 @@ class EncoderActor:
             raise ModelMismatchError(
                 f"{spec} on this Ray node has fingerprint {self.enc.fingerprint}, the index expects {fingerprint}"
             )
-        self.mode, self.shape = mode, tuple(shape)
+        self.shape = tuple(shape)
+
+    def texts(self, chunk: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], np.ndarray, float]:
+        t0 = time.perf_counter()
+        vecs = self.enc.encode_texts([t for _, t in chunk])
+        return chunk, vecs, time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        if self.mode == "text":
-            vecs = self.enc.encode_texts([str(t) for t in batch["text"]])
-            return {"line": batch["line"], "text": batch["text"], "vector": vecs,
-                    "encode_s": np.full(len(vecs), (time.perf_counter() - t0) / max(1, len(vecs)))}
         import torch
 
         n = len(batch["i"])
@@ -134,6 +136,7 @@ class RayEngine:
     #: per-stage seconds summed over the cluster (decode tasks, encoder actors) of the last run
     cluster_times: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "encode": 0.0})
     _owns_ray: bool = field(default=False, repr=False)
+    _text_actors: list | None = field(default=None, repr=False)
 
     @classmethod
     def coerce(cls, engine: Any) -> RayEngine:
@@ -174,6 +177,10 @@ class RayEngine:
         ctx.enable_progress_bars = False  # the caller's progress callback reports the commits
 
     def close(self) -> None:
+        if self._text_actors:
+            for actor in self._text_actors:
+                _import_ray().kill(actor)
+        self._text_actors = None
         if self._owns_ray:
             _import_ray().shutdown()
             self._owns_ray = False
@@ -186,21 +193,22 @@ class RayEngine:
             return max(1, int(res.get("GPU", 0) // self.gpus_per_encoder))
         return max(1, int(res.get("CPU", 1) // 4))
 
-    def _encoder_args(self, run, mode: str, shape: tuple[int, ...]) -> dict:
+    def _actor_kwargs(self, run) -> dict:
+        enc = run.idx.encoder
+        return {
+            "spec": enc.spec,
+            "fingerprint": enc.fingerprint,
+            "device": "cuda" if self.gpus_per_encoder else "cpu",
+            "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+            "shape": (3, enc.image_size, enc.image_size),
+        }
+
+    def _encoder_args(self, run) -> dict:
         import ray.data
 
-        enc = run.idx.encoder
-        size = self._pool_size()
         return dict(
-            fn_constructor_kwargs={
-                "spec": enc.spec,
-                "fingerprint": enc.fingerprint,
-                "device": "cuda" if self.gpus_per_encoder else "cpu",
-                "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
-                "mode": mode,
-                "shape": shape,
-            },
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+            fn_constructor_kwargs=self._actor_kwargs(run),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self._pool_size()),
             num_cpus=1,
             num_gpus=self.gpus_per_encoder or None,
             # Ray's logical memory, so a node takes no more model copies than it holds; being
@@ -217,7 +225,6 @@ class RayEngine:
         import ray.data
 
         enc = run.idx.encoder
-        shape = (3, enc.image_size, enc.image_size)
         rows = [
             {"i": i, "path": j.path, "known_hash": j.known_hash or "", "row_hash": (j.row or {}).get("hash") or ""}
             for i, j in enumerate(jobs)
@@ -231,7 +238,7 @@ class RayEngine:
             fn_kwargs={"draft_size": enc.image_size, "transform": enc.image_transform},
             num_cpus=self.cpus_per_decoder,
         )
-        ds = ds.map_batches(EncoderActor, batch_size=batch_size, batch_format="numpy", **self._encoder_args(run, "image", shape))
+        ds = ds.map_batches(EncoderActor, batch_size=batch_size, batch_format="numpy", **self._encoder_args(run))
         t0 = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             run.times.read += time.perf_counter() - t0
@@ -248,19 +255,25 @@ class RayEngine:
 
     # -- texts ------------------------------------------------------------------------------
     def encode_texts(self, run, todo: list[tuple[int, str]]) -> Iterator[tuple[list[tuple[int, str]], np.ndarray]]:
+        """Documents are small, so they travel through the driver to a few long-lived encoder
+        actors shared by every corpus of the run (one Ray Data pipeline per corpus would start
+        a pool per file); one chunk in flight per actor bounds memory."""
         if not todo:
             return
-        import ray.data
+        ray = _import_ray()
+        from ray.util import ActorPool
 
+        if self._text_actors is None:
+            actor = ray.remote(EncoderActor).options(
+                num_cpus=1, num_gpus=self.gpus_per_encoder or 0, memory=ENCODER_MEMORY, max_restarts=-1, max_task_retries=-1
+            )
+            self._text_actors = [actor.remote(**self._actor_kwargs(run)) for _ in range(self._pool_size())]
         step = run.idx.encoder.text_batch_size
-        ds = ray.data.from_items([{"line": line, "text": text} for line, text in todo],
-                                 override_num_blocks=max(1, -(-len(todo) // step)))
-        ds = ds.map_batches(EncoderActor, batch_size=step, batch_format="numpy", **self._encoder_args(run, "text", ()))
+        chunks = (todo[i : i + step] for i in range(0, len(todo), step))
         t0 = time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for chunk, vecs, seconds in ActorPool(self._text_actors).map_unordered(lambda a, c: a.texts.remote(c), chunks):
             run.times.read += time.perf_counter() - t0
-            seconds = float(np.sum(batch["encode_s"]))
             self.cluster_times["encode"] += seconds
             run.times.encode += seconds
-            yield [(int(n), str(t)) for n, t in zip(batch["line"], batch["text"])], np.asarray(batch["vector"], dtype=np.float32)
+            yield chunk, vecs
             t0 = time.perf_counter()
