@@ -40,8 +40,9 @@ LOG = logging.getLogger(__name__)
 #: configs, caches, offline mode); the device is not forwarded: actors choose it from their GPUs
 FORWARDED_ENV = ("SEARCHKIT_OPENCLIP_CONFIGS", "SEARCHKIT_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME")
 
-#: logical memory each encoder actor reserves (a ViT-B-32 process holds about 1 GB)
-ENCODER_MEMORY = 1 << 30
+#: logical memory each encoder actor reserves (Ray Data measured 1.2 GiB for a ViT-B-32 actor
+#: in bench/ray_index.py)
+ENCODER_MEMORY = 3 << 29
 
 
 def _import_ray():
@@ -118,8 +119,9 @@ class EncoderActor:
 class RayEngine:
     """How `Index.add(..., engine=RayEngine(...))` runs on Ray.
 
-    address: None connects to $RAY_ADDRESS, or starts a Ray instance on this machine; "auto"
-        joins the cluster this machine is part of; "HOST:PORT" a given head (ray.init's meaning).
+    address: None connects to $RAY_ADDRESS, else to a cluster `ray start` began on this
+        machine, else starts a Ray instance here; "auto" joins the cluster this machine is part
+        of; "HOST:PORT" a given head (ray.init's meanings).
         When Ray is already initialised in this process, that session is used as it is.
     encoders: encoder actors (default: one per `gpus_per_encoder` GPUs in the cluster, else
         one per 4 CPUs, at least 1); the pool starts with one and grows up to this many.
