@@ -128,6 +128,30 @@ def test_ray_engine_reruns_moves_and_deletions_like_the_local_engine(tmp_path, l
     assert _counts(unchanged) == (0, 0, 8, 0, 0, 8)
 
 
+@needs_ray
+def test_killed_ray_driver_loses_only_batches_in_flight_and_a_local_rerun_completes(tmp_path, local_ray):
+    photos = tmp_path / "photos"
+    make_images(photos, 24)
+    bundle = tmp_path / "bundle"
+    address = local_ray.get_runtime_context().gcs_address  # a second driver on the session's Ray
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "searchkit.cli", "index", str(photos), "--index", str(bundle), "--model", TINY,
+         "--engine", "ray", "--ray-address", address, "--batch-size", "4"],
+        env={**os.environ, **RAY_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    t = time.time()
+    while _items_in(bundle) < 4 and driver.poll() is None and time.time() - t < 120:
+        time.sleep(0.1)
+    assert driver.poll() is None, driver.stderr.read()
+    driver.kill()
+    driver.wait(timeout=30)
+    kept = _items_in(bundle)
+    assert 4 <= kept < 24
+    summary, items, failures = _index(bundle, [photos], "local")
+    assert (summary.added, summary.unchanged, summary.total, failures) == (24 - kept, kept, 24, set())
+    _assert_same_vectors(_index(tmp_path / "reference", [photos], "local")[1], items)
+
+
 def test_ray_engine_without_ray_fails_in_one_line_naming_the_extra(tmp_path):
     make_images(tmp_path / "photos", 1)
     code = (
@@ -142,14 +166,13 @@ def test_ray_engine_without_ray_fails_in_one_line_naming_the_extra(tmp_path):
         "error: the optional dependency 'ray' is not installed; install it with: pip install 'searchkit[ray]'"
     ]
     assert not (tmp_path / "b").exists()  # refused before any bundle was created
-    # the library says the same (and the local engine needs no Ray)
+    # the library raises the same typed error before anything changes; the rest needs no Ray
     code = (
         "import sys; sys.modules['ray'] = None\n"
-        "import searchkit\n"
+        "import searchkit.cli.main, searchkit.index, searchkit.pipeline\n"
         "from searchkit.errors import MissingDependencyError\n"
-        f"idx = searchkit.open_index('b2', create=True, model={TINY!r})\n"
-        "assert idx.add(['photos']).added == 1\n"
-        "try:\n    idx.add(['photos'], engine='ray')\nexcept MissingDependencyError as e:\n    print(e)\n"
+        "from searchkit.pipeline_ray import RayEngine\n"
+        "try:\n    RayEngine.coerce('ray').start()\nexcept MissingDependencyError as e:\n    print(e)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -229,7 +252,7 @@ def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
     on this machine); the worker node is killed mid-run and the run still completes, with every
     image once and the same vectors as the local engine."""
     photos = tmp_path / "photos"
-    make_images(photos, 32)
+    make_images(photos, 24)
     port = _free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, **RAY_ENV, **FAST_HEALTH_CHECKS, "RAY_ADDRESS": ""}
@@ -256,10 +279,10 @@ def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
         _kill_node(nodes[1])  # the worker node dies mid-run, with whatever it was decoding
         out, err = driver.communicate(timeout=300)
         assert driver.returncode == 0, err
-        assert '"added": 32' in out and '"failed": 0' in out
+        assert '"added": 24' in out and '"failed": 0' in out
         with sqlite3.connect(bundle / "meta.db") as con:  # nothing lost, nothing twice
-            assert con.execute("SELECT COUNT(*), COUNT(DISTINCT file_id) FROM items").fetchone() == (32, 32)
-            assert con.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 32
+            assert con.execute("SELECT COUNT(*), COUNT(DISTINCT file_id) FROM items").fetchone() == (24, 24)
+            assert con.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 24
     finally:
         for node in reversed(nodes):
             _kill_node(node)
