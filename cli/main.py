@@ -193,8 +193,8 @@ def index_cmd(
 
         run_on = RayEngine(address=ray_address, encoders=encoders, gpus_per_encoder=gpus_per_encoder, cpus_per_decoder=cpus_per_decoder)
         run_on.check_installed()  # the missing extra, before a model loads
-        for name in ("ray", "ray.data"):  # Ray Data's per-dataset INFO lines
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for name in ("ray", "ray.data"):  # Ray's start-up and per-dataset notices; errors still show
+            logging.getLogger(name).setLevel(logging.ERROR)
     if max_memory is not None:
         parse_size(max_memory, what="memory budget")
     with open_index(index, create=True, model=model) as idx, _progress_bar(not json_out) as bar:

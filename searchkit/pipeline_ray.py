@@ -254,6 +254,7 @@ class RayEngine:
             run.commit_images(pending, np.asarray(batch["vector"], dtype=np.float32)[ok] if ok.any() else None)
             t0 = time.perf_counter()
         run.times.encode += self.cluster_times["encode"]
+        LOG.info("ray cluster seconds: decode tasks %.2f, encoder actors %.2f", self.cluster_times["decode"], self.cluster_times["encode"])
 
     # -- texts ------------------------------------------------------------------------------
     def encode_texts(self, run, todo: list[tuple[int, str]]) -> Iterator[tuple[list[tuple[int, str]], np.ndarray]]:

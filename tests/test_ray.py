@@ -300,3 +300,28 @@ def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
     with searchkit.open_index(bundle) as idx:
         v_ray = _bundle_items(idx)
     _assert_same_vectors(_index(tmp_path / "local", [photos], "local")[1], v_ray)
+
+
+HAVE_PYARROW = importlib.util.find_spec("pyarrow") is not None
+
+
+@pytest.mark.skipif(not HAVE_PYARROW, reason="pyarrow is not installed (pip install 'searchkit[ray]')")
+def test_url_inputs_rerun_incrementally_and_bad_urls_fail_in_one_line(tmp_path):
+    from searchkit.errors import UsageError
+    from searchkit.sources import resolve_roots
+
+    photos = tmp_path / "photos"
+    make_images(photos, 3)
+    (photos / ".hidden.jpg").write_bytes(b"x")  # hidden names are skipped, as in local folders
+    url = photos.as_uri() + "/"
+    first = _index(tmp_path / "b", [url], "local")[0]
+    assert (first.added, first.failed) == (3, 0)
+    noise_image(7).save(photos / "img001.jpg")
+    (photos / "img002.jpg").unlink()
+    again, items, _ = _index(tmp_path / "b", [url], "local")
+    assert _counts(again) == (0, 1, 1, 1, 0, 2)
+    assert sorted(p for p, _ in items) == [f"{url}img000.jpg", f"{url}img001.jpg"]
+    with pytest.raises(UsageError, match="no such file or folder"):
+        resolve_roots([(tmp_path / "nothing").as_uri()])
+    with pytest.raises(UsageError, match="nope://x"):
+        resolve_roots(["nope://x"])
