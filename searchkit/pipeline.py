@@ -5,6 +5,7 @@ differ), finds moved files by hash, and removes vanished ones. Then images are r
 draft-decoded and preprocessed in a thread pool through a bounded ordered window, encoded in
 batches by the model, and each batch is committed to meta.db in one transaction before the
 in-memory FAISS index takes it. A kill loses at most the batch in flight; a re-run finishes.
+The ray engine (pipeline_ray.py) replaces only the decode and encode steps.
 """
 
 from __future__ import annotations
