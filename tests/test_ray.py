@@ -24,7 +24,16 @@ import pytest
 
 from conftest import TINY, make_images, noise_image
 
-HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("pyarrow") is not None
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ValueError: hidden as sys.modules[name] = None
+        return False
+
+
+HAVE_RAY = _installed("ray") and _installed("pyarrow")
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install 'searchkit[ray]')")
 #: Ray's start-up cost on a 2-core machine: no usage stats, no dashboard, a small object store
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_AUTH_MODE": "disabled"}
@@ -302,7 +311,7 @@ def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
     _assert_same_vectors(_index(tmp_path / "local", [photos], "local")[1], v_ray)
 
 
-HAVE_PYARROW = importlib.util.find_spec("pyarrow") is not None
+HAVE_PYARROW = _installed("pyarrow")
 
 
 @pytest.mark.skipif(not HAVE_PYARROW, reason="pyarrow is not installed (pip install 'searchkit[ray]')")
