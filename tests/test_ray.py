@@ -116,9 +116,11 @@ def test_ray_engine_reruns_moves_and_deletions_like_the_local_engine(tmp_path, l
     photos = tmp_path / "photos"
     paths = make_images(photos, 8)
     (photos / "broken.jpg").write_bytes(b"junk")
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("a red square\na blue circle\na green star\n")
     first = {}
     for engine in ("local", "ray"):
-        first[engine] = _index(tmp_path / engine, [photos], engine)
+        first[engine] = _index(tmp_path / engine, [photos, corpus], engine)
     assert _counts(first["ray"][0]) == _counts(first["local"][0])
 
     paths[0].rename(photos / "moved.jpg")  # moved: keeps its vector
@@ -126,15 +128,17 @@ def test_ray_engine_reruns_moves_and_deletions_like_the_local_engine(tmp_path, l
     noise_image(99).save(paths[2])  # changed
     make_images(photos, 1, start=50)  # new
     (photos / "broken.jpg").unlink()  # a failure that went away
-    again = {engine: _index(tmp_path / engine, [photos], engine) for engine in ("local", "ray")}
+    corpus.write_text("a red square\na BLUE circle\na green star\na white moon\n")  # one edited, one new line
+    again = {engine: _index(tmp_path / engine, [photos, corpus], engine) for engine in ("local", "ray")}
     s_local, v_local, f_local = again["local"]
     s_ray, v_ray, f_ray = again["ray"]
-    assert _counts(s_local) == (1, 2, 5, 1, 0, 8)  # new; moved + changed; 5 untouched; 1 deleted
+    # images: 1 new; moved + changed; 5 untouched; 1 deleted. Lines: 2 new, 2 kept, 1 gone
+    assert _counts(s_local) == (1 + 2, 2, 5 + 2, 1 + 1, 0, 8 + 4)
     assert _counts(s_ray) == _counts(s_local)
     _assert_same_vectors(v_local, v_ray)
     assert f_ray == f_local == set()
-    unchanged = _index(tmp_path / "ray", [photos], "ray")[0]
-    assert _counts(unchanged) == (0, 0, 8, 0, 0, 8)
+    unchanged = _index(tmp_path / "ray", [photos, corpus], "ray")[0]
+    assert _counts(unchanged) == (0, 0, 12, 0, 0, 12)
 
 
 @needs_ray
