@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DecodeError
+from .remote import is_url
+from .remote import read as read_url
 
 #: file extensions indexed as images (lower case)
 IMAGE_EXTENSIONS = frozenset(
@@ -40,6 +42,8 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     or a device, cannot block the open) and checked with fstat on the open descriptor (so a
     swap between a check and the open cannot slip a FIFO in)."""
     p = str(path)
+    if is_url(p):
+        return read_url(p)
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError as e:

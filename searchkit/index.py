@@ -177,18 +177,27 @@ class Index:
         batch_size: int | None = None,
         workers: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        engine: Any = "local",
     ) -> AddSummary:
         """Index image files, folders of images and text corpora, incrementally.
 
         Unchanged files are skipped without decoding, changed ones re-encoded, vanished ones
         removed, moved ones keep their vectors. Unreadable inputs are recorded as failures
-        (see `failures()`) and counted in the summary; the run goes on.
+        (see `failures()`) and counted in the summary; the run goes on. `engine` runs decoding
+        and encoding in this process ("local") or on a Ray cluster ("ray", or a
+        `searchkit.pipeline_ray.RayEngine` with its options; needs `searchkit[ray]`).
         """
         from .pipeline import add_paths
 
         if not self.writable:
             raise UsageError("this index was opened read-only; use open_index(..., create=True) to add")
-        summary = add_paths(self, paths, text_column=text_column, batch_size=batch_size, workers=workers, progress=progress)
+        if engine in (None, "local"):
+            engine = None
+        else:
+            from .pipeline_ray import RayEngine
+
+            engine = RayEngine.coerce(engine)
+        summary = add_paths(self, paths, text_column=text_column, batch_size=batch_size, workers=workers, progress=progress, engine=engine)
         self._ensure_text_query_model()
         return summary
 

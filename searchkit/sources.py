@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import DecodeError, UsageError
+from . import remote
 from .images import image_paths_under, is_image_path
+from .remote import is_url
 
 TEXT_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".jsonl"})
 DEFAULT_TEXT_COLUMNS = ("text", "caption")
@@ -39,6 +41,12 @@ class Root:
 def resolve_roots(paths) -> list[Root]:
     roots = []
     for p in paths:
+        if is_url(str(p)):
+            url, is_dir = remote.resolve(str(p))
+            if not is_dir and not (is_image_path(url) or is_text_path(url)):
+                raise UsageError(f"{p}: unsupported file type")
+            roots.append(Root(url, is_dir))
+            continue
         ap = os.path.abspath(os.path.expanduser(str(p)))
         if os.path.isdir(ap):
             roots.append(Root(ap, True))
@@ -60,7 +68,11 @@ def discover(roots: list[Root]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     found: dict[str, str] = {}
     unreadable: list[tuple[str, str]] = []
     for root in roots:
-        if root.is_dir:
+        if root.is_dir and is_url(root.path):
+            for path in remote.list_files(root.path, unreadable):
+                if is_image_path(path):
+                    found[path] = "image"
+        elif root.is_dir:
             for path in image_paths_under(root.path, unreadable):
                 found[path] = "image"
         else:

@@ -237,6 +237,10 @@ class Int8ImageEncoder(Encoder):
     def preprocess(self, image):
         return self.base.preprocess(image)
 
+    @property
+    def image_transform(self):
+        return self.base.image_transform
+
     def encode_image_tensors(self, batch) -> np.ndarray:
         return _normalize(self.session.run(None, {"pixels": batch.cpu().numpy()})[0])
 
