@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .fsutil import storage_error
+
 LOG = logging.getLogger(__name__)
 
 
@@ -93,17 +95,23 @@ def finish_derived(idx) -> list[str]:
     for d in todo:
         try:
             ok = d.build(enc, idx.path / d.name)
-        except OSError as e:  # the disk (full, read-only): worth trying again next run
-            LOG.warning("could not write %s (%s); queries will be slower until a later run makes it", d.name, e)
-            continue
-        except Exception as e:  # the encoder cannot be exported this way: do not retry for it
+        except Exception as e:
+            if isinstance(e, OSError) or storage_error(e, idx.path) is not None:
+                # the disk (full, read-only): worth trying again next run
+                LOG.warning("could not write %s (%s); queries will be slower until a later run makes it", d.name, e)
+                continue
+            # the encoder cannot be exported this way: do not load it again to retry
             LOG.warning("could not build %s for fast queries (%s); queries will load the full model", d.name, e)
             ok = False
         if ok:
             built.append(d.name)
-        else:
+            continue
+        try:
             with idx.store.transaction():
                 idx.store.set_meta(f"derived.{d.name}", _skip_mark(d, fingerprint))
+        except Exception as e:  # (only a cost: the next run finds out again)
+            if storage_error(e, idx.path) is None:
+                raise
     return built
 
 
