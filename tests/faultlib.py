@@ -10,6 +10,8 @@ itself with SIGKILL (no cleanup of any kind) at MOMENT:
                   manifest.json, text-onnx): the final save and the export, temporaries left
   open:TEXT       as a file whose path contains TEXT is opened (e.g. .text-onnx-: mid-export)
   time:SECONDS    after SECONDS of wall time, wherever it is
+  slow:SECONDS    never, but sleep SECONDS after every COMMIT (a run that is surely still
+                  going when a test interrupts it)
   none            never
 The moment is watched through the code's own seams (Store.transaction, audit events of
 os.rename and open), so the code under test runs unchanged.
@@ -41,7 +43,9 @@ def arm(moment: str) -> None:
         t.daemon = True
         t.start()
         return
-    if what in ("commit", "after-commit"):
+    if what in ("commit", "after-commit", "slow"):
+        import time
+
         from searchkit.store import Store
 
         real = Store.transaction
@@ -56,6 +60,8 @@ def arm(moment: str) -> None:
                     _die()
             if what == "after-commit" and n["seen"] == int(arg):
                 _die()
+            if what == "slow":
+                time.sleep(float(arg))
 
         Store.transaction = transaction
         return

@@ -150,7 +150,7 @@ def test_ctrl_c_stops_a_run_promptly_and_releases_the_lock(tmp_path):
     make_images(folder, 150)
     os.mkfifo(folder / "pipe.jpg")  # (which hung the reader threads for good before)
     bundle = tmp_path / "bundle"
-    proc = _child("none", bundle, [folder])
+    proc = _child("slow:0.5", bundle, [folder])  # 150 / BATCH commits: still running when interrupted
     proc_args = proc.args
     deadline = time.monotonic() + 90
     while _items(bundle) < 2 * BATCH and proc.poll() is None and time.monotonic() < deadline:
