@@ -125,10 +125,13 @@ def load_image_or_raise(path, draft_size=None):
         raise InputError(f"cannot read image {path}: {e}") from e
 
 
-def classify_images(encoder, images, labels, templates: Sequence[str] | None = None, examples=None) -> list[ClassifyResult]:
+def classify_images(
+    encoder, images, labels, templates: Sequence[str] | None = None, examples=None, *, text_encoder=None
+) -> list[ClassifyResult]:
     """Classify images (paths, folders or PIL images): zero-shot by nearest label prompt, or with
     `examples` (a folder of label sub-folders, a label -> paths mapping, or a fitted
-    `FewShotClassifier`) few-shot, see searchkit/fewshot.py. `labels` may be None with examples."""
+    `FewShotClassifier`) few-shot, see searchkit/fewshot.py. `labels` may be None with examples.
+    `text_encoder` embeds the label prompts instead of `encoder` (a bundle's torch-free text tower)."""
     from PIL import Image
 
     from .errors import DecodeError
@@ -146,7 +149,7 @@ def classify_images(encoder, images, labels, templates: Sequence[str] | None = N
             return clf.probabilities(*encoder.encode_images_with_features(images))
     else:
         labels = parse_labels(labels)
-        text_emb = label_embeddings(encoder, labels, check_templates(templates))
+        text_emb = label_embeddings(text_encoder or encoder, labels, check_templates(templates))
 
         def scores(images):
             return probabilities(encoder.encode_images(images), text_emb, encoder.logit_scale)
