@@ -4,6 +4,9 @@ A checkpoint is a folder written by `searchkit train`:
 
   config.json                format, tower specs, head shapes, embedding dim, logit scale, training notes
   heads.safetensors          the two projection heads and the learned temperature
+  conse.safetensors          with a `+conse` image tower: the MiniLM embeddings of its 1,000 class
+                             prompts (`class_text`), computed once at train time instead of at
+                             every load (a checkpoint without it computes them when loading)
   image_tower.safetensors    only after partial fine-tuning (`image_tower_tuned` in config.json,
                              checkpoint version 2): the fine-tuned last blocks of the image tower,
                              under the tower network's own key names, applied over its pretrained weights
@@ -22,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +35,7 @@ import numpy as np
 from ..errors import MissingDependencyError, ModelUnavailableError, UnknownModelError
 from . import AUTO_CANDIDATES, register_family
 from .base import Encoder, l2_normalize
-from .towers import load_image_tower, load_text_tower
+from .towers import MINILM, image_size_of, load_image_tower, load_text_tower
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +48,7 @@ CHECKPOINT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "heads.safetensors"
 TOWER_FILE = "image_tower.safetensors"
+CONSE_FILE = "conse.safetensors"
 #: the shipped `mini` checkpoint
 MINI_DIR = Path(__file__).resolve().parent.parent / "weights" / "mini"
 #: CLIP's cap on the learned logit scale
@@ -112,9 +117,9 @@ def build_heads(image: HeadSpec, text: HeadSpec, init_logit_scale: float = 1 / 0
 
 
 def save_checkpoint(
-    folder: str | os.PathLike, heads: Any, config: dict, tower_state: dict | None = None
+    folder: str | os.PathLike, heads: Any, config: dict, tower_state: dict | None = None, class_text: Any = None
 ) -> Path:
-    """Write heads (+ fine-tuned tower weights) and config into `folder`.
+    """Write heads (+ fine-tuned tower weights, + ConSE class-prompt embeddings) and config into `folder`.
 
     Each file is written atomically (temporary name, rename), config.json last, so a checkpoint
     is only ever read with weights that are at least as new as its config.
@@ -128,6 +133,8 @@ def save_checkpoint(
         "logit_scale": float(heads.scale().item()),
     }
     _save_tensors(folder / WEIGHTS_FILE, heads.state_dict())
+    if class_text is not None and not (folder / CONSE_FILE).is_file():  # the same every epoch
+        _save_tensors(folder / CONSE_FILE, {"class_text": class_text})
     if tower_state:
         _save_tensors(folder / TOWER_FILE, tower_state)
         config["image_tower_tuned"] = {**config.get("image_tower_tuned", {}), "file": TOWER_FILE}
@@ -215,24 +222,57 @@ def head_config(image: HeadSpec, text: HeadSpec) -> dict:
 
 
 class DualEncoder(Encoder):
-    """Frozen towers + trained heads, behind the encoder contract."""
+    """Frozen towers + trained heads, behind the encoder contract.
+
+    Each tower loads on first use: a text-only call never builds the image tower (its
+    EfficientNet and timm imports were most of a cold text query), an image-only call never
+    builds the text tower (ConSE's class prompts come precomputed from the checkpoint)."""
 
     def __init__(self, folder: str | os.PathLike, spec: str, device: str):
         folder = Path(folder)
         cfg = read_config(folder)
-        self.spec, self.device, self.config = spec, device, cfg
-        self.image_tower = load_image_tower(cfg["image_tower"], device)
-        load_tuned_tower(self.image_tower, folder, cfg)
-        self.text_tower = load_text_tower(cfg["text_tower"], device)
+        self.spec, self.device, self.config, self.folder = spec, device, cfg, folder
         self.heads = load_heads(folder, cfg, device)
         self.dim = int(cfg["dim"])
-        self.image_size = int(self.image_tower.image_size)
+        self._image_size = image_size_of(cfg["image_tower"])
+        self._image_tower: Any = None
+        self._text_tower: Any = None
+        self._tower_lock = threading.Lock()
         self.logit_scale = float(self.heads.scale().item())
         self._weights_hash = _files_hash(weight_files(folder, cfg))
         #: what `+int8` quantizes: an EfficientNet's convolutions stay fp32 (see encoders/onnx.py)
         self.int8_op_types = ("MatMul", "Gemm") if cfg["image_tower"].startswith("efficientnet") else None
         if device.startswith("cuda"):
             self.image_batch_size = 128
+
+    @property
+    def image_tower(self):
+        with self._tower_lock:
+            if self._image_tower is None:
+                tower = load_image_tower(self.config["image_tower"], self.device, class_text=load_class_text(self.folder))
+                load_tuned_tower(tower, self.folder, self.config)
+                self._image_tower = tower
+            return self._image_tower
+
+    @property
+    def text_tower(self):
+        with self._tower_lock:
+            if self._text_tower is None:
+                self._text_tower = load_text_tower(self.config["text_tower"], self.device)
+            return self._text_tower
+
+    @property
+    def image_size(self) -> int:  # type: ignore[override]
+        return self._image_size if self._image_size is not None else int(self.image_tower.image_size)
+
+    def export_text_query_model(self, folder: Path) -> bool:
+        """The text side as ONNX for torch-free queries (see encoders/mini_onnx.py)."""
+        if self.config["text_tower"] != MINILM:
+            return False
+        from .mini_onnx import export_minilm_text_model
+
+        export_minilm_text_model(self, folder)
+        return True
 
     @property
     def fingerprint(self) -> str:
@@ -259,6 +299,20 @@ class DualEncoder(Encoder):
         from .nets import Embedder
 
         return Embedder(self.image_tower.module(), self.heads.image)
+
+
+def load_class_text(folder: Path):
+    """A checkpoint's stored ConSE class-prompt embeddings, or None when it has none."""
+    path = Path(folder) / CONSE_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))["class_text"]
+    except (RuntimeError, OSError, KeyError) as e:
+        LOG.warning("ignoring %s (%s); computing the class prompts instead", path, e)
+        return None
 
 
 def _files_hash(paths: list[Path]) -> str:

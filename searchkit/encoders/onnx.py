@@ -2,7 +2,8 @@
 
 Text queries without torch: `export_text_query_model(enc, folder)` writes the text tower as ONNX
 (sequence length left dynamic, so the exact padding cut of `OpenClipEncoder` still applies) and
-CLIP's byte-level BPE as a `tokenizers` JSON. `OnnxTextEncoder(folder)` embeds texts with
+CLIP's byte-level BPE as a `tokenizers` JSON (trained dual encoders export their MiniLM side
+the same way, see encoders/mini_onnx.py). `OnnxTextEncoder(folder)` embeds texts with
 onnxruntime + tokenizers alone. The index writer stores these in the bundle (`text-onnx/`), so a
 cold `searchkit query` loads a few hundred MB of text tower and never imports torch or open_clip.
 
@@ -114,7 +115,13 @@ def _export(module, example, path: Path, input_name: str, dynamic: dict[int, tup
 
 
 def export_text_query_model(enc: Encoder, folder: Path) -> bool:
-    """Write `folder` (text.onnx, tokenizer.json, meta.json) for `enc`; False if unsupported."""
+    """Write `folder` (text.onnx, tokenizer.json, meta.json) for `enc`; False if unsupported.
+
+    An encoder with its own text export (`enc.export_text_query_model(folder)`, e.g. trained
+    dual encoders, see encoders/mini_onnx.py) writes the same layout its own way."""
+    own = getattr(enc, "export_text_query_model", None)
+    if own is not None:
+        return bool(own(Path(folder)))
     import torch
 
     bpe = getattr(enc, "bpe_tokenizer", lambda: None)()
@@ -163,6 +170,7 @@ class OnnxTextEncoder:
         self.dim: int = meta["dim"]
         self.context_length: int = meta["context_length"]
         self.eot: int = meta["eot"]
+        self.clean = clip_basic_clean if meta.get("clean", "clip") == "clip" else str
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.session = _session(folder / "text.onnx")
 
@@ -176,7 +184,7 @@ class OnnxTextEncoder:
     def tokenize(self, texts: list[str]) -> np.ndarray:
         """(n, context_length) int64, zero-padded, truncated keeping the end-of-text token."""
         out = np.zeros((len(texts), self.context_length), dtype=np.int64)
-        for row, enc in zip(out, self.tokenizer.encode_batch([clip_basic_clean(t) for t in texts])):
+        for row, enc in zip(out, self.tokenizer.encode_batch([self.clean(t) for t in texts])):
             ids = enc.ids
             if len(ids) > self.context_length:
                 ids = ids[: self.context_length - 1] + [self.eot]

@@ -136,7 +136,9 @@ class LiteImageTower(ImageTower):
     conse_top_k = 10
     conse_template = "a photo of a {}."
 
-    def __init__(self, variant: str, device: str, conse: bool = False):
+    def __init__(self, variant: str, device: str, conse: bool = False, class_text: torch.Tensor | None = None):
+        """`class_text`: the ConSE class-prompt embeddings when already computed (checkpoints
+        store them, see `conse_class_text`); otherwise MiniLM embeds the 1,000 prompts here."""
         import torch
 
         package, cls_name, size = _LITE[variant]
@@ -154,14 +156,19 @@ class LiteImageTower(ImageTower):
             from .nets import ConSE
 
             self.spec = f"{variant}+conse"
-            _, names = self.class_prototypes()
-            class_text = minilm_tower(device).features([self.conse_template.format(n) for n in names])
+            if class_text is None:
+                class_text = conse_class_text(device)
             self._conse = ConSE(model.get_classifier(), class_text, self.conse_top_k).to(device).eval()
             self.dim += int(class_text.shape[1])
 
     @property
     def cache_spec(self) -> str:
         return self.spec.partition("+")[0]
+
+    @property
+    def class_text(self) -> torch.Tensor | None:
+        """The ConSE class-prompt embeddings (None without ConSE), for a checkpoint to store."""
+        return None if self._conse is None else self._conse.class_text.detach().cpu()
 
     def raw_features(self, batch: torch.Tensor) -> torch.Tensor:
         import torch
@@ -204,6 +211,21 @@ class LiteImageTower(ImageTower):
         info = ImageNetInfo()
         names = [info.index_to_description(i).split(",")[0].strip() for i in range(1000)]
         return self.model.get_classifier().weight.detach().float().cpu(), names
+
+
+def conse_class_text(device: str = "cpu") -> torch.Tensor:
+    """MiniLM embeddings of the ConSE prompts, one per ImageNet class (1000, 384)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    names = [info.index_to_description(i).split(",")[0].strip() for i in range(1000)]
+    return minilm_tower(device).features([LiteImageTower.conse_template.format(n) for n in names]).float().cpu()
+
+
+def image_size_of(spec: str) -> int | None:
+    """The input side of an image tower known without loading it (None: load it to know)."""
+    base = spec.partition("+")[0]
+    return _LITE[base][2] if base in _LITE else None
 
 
 def _map_in_order(state: dict, target: dict, variant: str) -> dict:
@@ -312,11 +334,12 @@ _MINILM_CACHE: dict[str, MiniLMTextTower] = {}
 _TOWER_LOCK = threading.Lock()
 
 
-def load_image_tower(spec: str, device: str = "cpu") -> ImageTower:
-    """The image tower a spec names (see the module docstring)."""
+def load_image_tower(spec: str, device: str = "cpu", class_text: torch.Tensor | None = None) -> ImageTower:
+    """The image tower a spec names (see the module docstring); `class_text`: precomputed ConSE
+    class-prompt embeddings (see `LiteImageTower`)."""
     base, plus, extra = spec.partition("+")
     if base in _LITE and (not plus or extra == "conse"):
-        return LiteImageTower(base, device, conse=bool(plus))
+        return LiteImageTower(base, device, conse=bool(plus), class_text=class_text)
     if spec.startswith("open_clip:"):
         return OpenClipImageTower(spec.partition(":")[2], device)
     raise UnknownModelError(f"unknown image tower '{spec}'; use one of: {', '.join(IMAGE_TOWERS)}")

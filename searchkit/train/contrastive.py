@@ -364,7 +364,9 @@ def train(
     def write(heads, epoch: int, metrics: dict) -> None:
         cfg = {**ckpt_config, **head_config(_spec(heads.image, config), _spec(heads.text, config))}
         cfg["training"] = {**cfg["training"], "best_epoch": epoch, "val": metrics}
-        save_checkpoint(out, heads, cfg, cut.tail_state() if cut is not None else None)
+        save_checkpoint(
+            out, heads, cfg, cut.tail_state() if cut is not None else None, class_text=getattr(image_tower, "class_text", None)
+        )
 
     heads, best_epoch, best, history, step_losses = fit_heads(
         img_feats[train_img],
