@@ -126,12 +126,13 @@ def load_image_or_raise(path, draft_size=None):
 
 
 def classify_images(encoder, images, labels, templates: Sequence[str] | None = None) -> list[ClassifyResult]:
-    """Zero-shot classification of images (paths, folders or PIL images) by nearest label prompt."""
+    """Zero-shot classification of images (paths, folders or PIL images) by the label prompts
+    (`searchkit.zeroshot.label_scorer`)."""
     from PIL import Image
 
     from .errors import DecodeError
     from .images import image_paths_under, load_image, to_rgb
-    from .zeroshot import check_templates, label_embeddings, parse_labels, probabilities
+    from .zeroshot import check_templates, label_scorer, parse_labels
 
     labels = parse_labels(labels)
     templates = check_templates(templates)
@@ -145,15 +146,14 @@ def classify_images(encoder, images, labels, templates: Sequence[str] | None = N
             items.append((str(x), str(x)))
     if not items:
         raise UsageError("no images to classify")
-    text_emb = label_embeddings(encoder, labels, templates)
+    scorer = label_scorer(encoder, labels, templates)
     results: list[ClassifyResult] = []
     batch: list[tuple[str, Any]] = []
 
     def flush():
         if not batch:
             return
-        emb = encoder.encode_images([img for _, img in batch])
-        probs = probabilities(emb, text_emb, encoder.logit_scale)
+        probs = scorer([img for _, img in batch])
         for (path, _), p in zip(batch, probs):
             best = int(np.argmax(p))
             results.append(ClassifyResult(path, labels[best], float(p[best]), dict(zip(labels, map(float, p)))))
