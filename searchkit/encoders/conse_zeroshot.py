@@ -19,6 +19,7 @@ plain setting that helps both over the best of either (docs/mini.md lists the gr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -147,4 +148,7 @@ def save_class_names(folder: str | Path, text_tower: Any) -> Path:
     text, owner = embed_class_names(text_tower)
     path = Path(folder) / NAMES_FILE
     save_file({"text": text.astype(np.float16), "class": owner}, str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file owner-only
     return path
