@@ -58,7 +58,12 @@ def query_cmd(
 @handle_errors
 def classify_cmd(
     paths: List[Path] = typer.Argument(..., help="Images or folders of images."),
-    labels: str = typer.Option(..., "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car".'),
+    labels: Optional[str] = typer.Option(
+        None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car". [default with --examples: its folder names]'
+    ),
+    examples: Optional[Path] = typer.Option(
+        None, "--examples", "-e", help="Folder with a sub-folder of a few example images per label (DIR/<label>/): few-shot.",
+    ),
     template: Optional[List[str]] = typer.Option(
         None, "--template", "-t", help='Prompt template with {} for the label; repeat for an ensemble. [default: a built-in ensemble]'
     ),
@@ -66,10 +71,12 @@ def classify_cmd(
     index: Optional[str] = IndexOpt,
     json_out: bool = JsonOpt,
 ):
-    """Zero-shot classification of images by the nearest label prompt."""
+    """Classify images: zero-shot by the nearest label prompt, or few-shot with --examples."""
     from searchkit import classify_images, get_encoder, open_index
-    from searchkit.errors import IndexNotFoundError
+    from searchkit.errors import IndexNotFoundError, UsageError
 
+    if labels is None and examples is None:
+        raise UsageError('give --labels (e.g. --labels "cat,dog") or --examples DIR')
     if model:
         encoder = get_encoder(model)
     else:
@@ -78,7 +85,7 @@ def classify_cmd(
                 encoder = idx.encoder
         except IndexNotFoundError:
             encoder = get_encoder("auto")
-    results = classify_images(encoder, [str(p) for p in paths], labels, template)
+    results = classify_images(encoder, [str(p) for p in paths], labels, template, examples=examples)
     if json_out:
         for r in results:
             print_json(r.to_dict())

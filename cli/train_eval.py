@@ -1,4 +1,4 @@
-"""`searchkit train` and `searchkit eval {retrieval,zeroshot}`: parse, call the library, print."""
+"""`searchkit train` and `searchkit eval {retrieval,zeroshot,fewshot}`: parse, call the library, print."""
 
 from __future__ import annotations
 
@@ -140,22 +140,29 @@ def eval_retrieval_cmd(
     )
 
 
+OutOpt = typer.Option(
+    Path("build/eval"), "--out", "-o", help="Folder the eval command writes its PNG into. [default: build/eval]"
+)
+NoPlotOpt = typer.Option(False, "--no-plot", help="Do not write the PNG.")
+TemplateOpt = typer.Option(
+    None, "--template", "-t", help="Prompt template with {} for the label; repeat for an ensemble. [default: a built-in ensemble]"
+)
+
+
 def eval_zeroshot_cmd(
     folder: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (folder name = label)."),
     model: str = ModelOpt,
-    template: Optional[List[str]] = typer.Option(
-        None, "--template", "-t", help="Prompt template with {} for the label; repeat for an ensemble. [default: a built-in ensemble]"
-    ),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Confusion-matrix PNG to write. [default: ./zeroshot-FOLDERNAME.png]"),
-    no_plot: bool = typer.Option(False, "--no-plot", help="Do not write the confusion-matrix PNG."),
+    template: Optional[List[str]] = TemplateOpt,
+    out: Path = OutOpt,
+    no_plot: bool = NoPlotOpt,
     json_out: bool = JsonOpt,
 ):
-    """Zero-shot top-1 / top-5 accuracy, per-class accuracy and a confusion-matrix PNG."""
+    """Zero-shot top-1 / top-5 accuracy, per-class accuracy and a confusion-matrix PNG (OUT/zeroshot-FOLDER.png;
+    beyond 30 classes it shows the most confused ones)."""
     from searchkit.evaluate import evaluate_zeroshot
 
-    if plot is None and not no_plot:
-        plot = Path(f"zeroshot-{folder.resolve().name}.png")
-    report = evaluate_zeroshot(model, folder, templates=template, plot=None if no_plot else plot)
+    plot = None if no_plot else out / f"zeroshot-{folder.resolve().name}.png"
+    report = evaluate_zeroshot(model, folder, templates=template, plot=plot)
     if json_out:
         print_json(report.to_dict())
     else:
@@ -165,10 +172,45 @@ def eval_zeroshot_cmd(
             [[_pct(report.top1), _pct(report.top5)]],
         )
         table("per class", ["class", "images", "accuracy %"], [
-            [label, sum(report.confusion[i]), _pct(report.per_class[label])] for i, label in enumerate(report.labels)
+            [label, report.class_images[i], _pct(report.per_class[label])] for i, label in enumerate(report.labels)
         ])
         if report.plot:
             stderr(f"confusion matrix: {report.plot}")
+    for path, error in report.failed:
+        stderr(f"failed: {path}: {error}")
+    if report.failed:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def eval_fewshot_cmd(
+    folder: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (folder name = label)."),
+    shots: str = typer.Option("1,2,4,8,16", "--shots", help="Examples per class to try, comma-separated."),
+    draws: int = typer.Option(5, "--draws", min=1, help="Random draws of the examples per shot count (accuracy is their mean)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the draws."),
+    model: str = ModelOpt,
+    template: Optional[List[str]] = TemplateOpt,
+    out: Path = OutOpt,
+    no_plot: bool = NoPlotOpt,
+    json_out: bool = JsonOpt,
+):
+    """Few-shot accuracy against examples per class (drawn from FOLDER, tested on the rest), zero-shot
+    as the 0 point, and a PNG of the curve (OUT/fewshot-FOLDER.png)."""
+    from searchkit.eval_fewshot import evaluate_fewshot, parse_shots
+
+    shot_list = parse_shots(shots)
+    plot = None if no_plot else out / f"fewshot-{folder.resolve().name}.png"
+    report = evaluate_fewshot(model, folder, shots=shot_list, draws=draws, templates=template, seed=seed, plot=plot)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        table(
+            f"{report.model}: {report.images} images, {len(report.labels)} classes, {report.draws} draws (%)",
+            ["examples per class", "accuracy", "± std", "min", "max"],
+            [["0 (zero-shot)", _pct(report.zeroshot), "", "", ""]]
+            + [[k, _pct(v["mean"]), f"{v['std']:.1f}", _pct(v["min"]), _pct(v["max"])] for k, v in report.shots.items()],
+        )
+        if report.plot:
+            stderr(f"accuracy plot: {report.plot}")
     for path, error in report.failed:
         stderr(f"failed: {path}: {error}")
     if report.failed:
@@ -179,7 +221,8 @@ def register(app: typer.Typer) -> None:
     """Add `train` and the `eval` group to the main app."""
 
     app.command("train")(handle_errors(train_cmd))
-    eval_app = typer.Typer(help="Evaluate a model: retrieval recall, zero-shot accuracy.", no_args_is_help=True)
+    eval_app = typer.Typer(help="Evaluate a model: retrieval recall, zero-shot and few-shot accuracy.", no_args_is_help=True)
     eval_app.command("retrieval")(handle_errors(eval_retrieval_cmd))
     eval_app.command("zeroshot")(handle_errors(eval_zeroshot_cmd))
+    eval_app.command("fewshot")(handle_errors(eval_fewshot_cmd))
     app.add_typer(eval_app, name="eval")

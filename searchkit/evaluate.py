@@ -7,7 +7,8 @@ Ranks come from a stable sort of the scores (a tie goes to the item listed first
 are percentages.
 
 Zero-shot classification reads a folder with one sub-folder per class (the folder name, with
-`_` read as a space, is the label) and classifies with `searchkit.query.classify_images`.
+`_` read as a space, is the label) and classifies each image by its nearest label prompt (the
+recipe of `searchkit.zeroshot`), keeping only what the report needs so any label set fits.
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def evaluate_retrieval(
     }
 
 
+#: the confusion matrix is reported (and drawn with counts in the cells) up to this many classes;
+#: beyond it, the report lists the most confused pairs and the plot shows the most confused classes
+FULL_CONFUSION = 50
+#: how many most-confused classes the plot of a large label set shows
+PLOT_CLASSES = 30
+
+
 @dataclass
 class ZeroShotReport:
     model: str
@@ -126,7 +134,9 @@ class ZeroShotReport:
     top1: float
     top5: float | None
     per_class: dict[str, float]
-    confusion: list[list[int]]  # rows: true class, columns: predicted class
+    confusion: list[list[int]] | None  # rows: true class, columns: predicted; None beyond FULL_CONFUSION classes
+    class_images: list[int] = field(default_factory=list)  # images read per class
+    most_confused: list[tuple[str, str, int]] = field(default_factory=list)  # (true, predicted, count)
     failed: list[tuple[str, str]] = field(default_factory=list)
     plot: str | None = None
 
@@ -138,7 +148,9 @@ class ZeroShotReport:
             "top1": self.top1,
             "top5": self.top5,
             "per_class": self.per_class,
+            "class_images": self.class_images,
             "confusion": self.confusion,
+            "most_confused": [list(x) for x in self.most_confused],
             "failed": [{"path": p, "error": e} for p, e in self.failed],
             "plot": self.plot,
         }
@@ -170,45 +182,97 @@ def evaluate_zeroshot(
 ) -> ZeroShotReport:
     """Zero-shot accuracy on a folder of class sub-folders; writes a confusion PNG if `plot`.
 
-    `encoder` is an Encoder or a spec, resolved after the folder has been checked.
+    `encoder` is an Encoder or a spec, resolved after the folder has been checked. Memory stays
+    bounded for any number of classes: label prompts are embedded in chunks, images a batch at a
+    time, and only each image's top-5 labels are kept (confusions as sparse counts).
     """
-    from .query import classify_images
+    from collections import Counter
+
+    from .zeroshot import check_templates, label_embeddings
 
     classes = class_folders(root)
     encoder = _as_encoder(encoder)
     labels = [label for label, _ in classes]
-    truth = {p: i for i, (_, paths) in enumerate(classes) for p in paths}
-    results = classify_images(encoder, list(truth), labels, templates)
-    index = {label: i for i, label in enumerate(labels)}
-    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    text = label_embeddings(encoder, labels, check_templates(templates))
+    pairs: Counter[tuple[int, int]] = Counter()
     hits5, failed = 0, []
-    for r in results:
-        if r.error is not None:
-            failed.append((r.path, r.error))
+    items = [(p, t) for t, (_, paths) in enumerate(classes) for p in paths]
+    for batch_truth, emb, bad in _embedded_batches(encoder, items):
+        failed.extend(bad)
+        if not len(emb):
             continue
-        t = truth[r.path]
-        confusion[t, index[r.label]] += 1
-        top = sorted(r.scores, key=r.scores.get, reverse=True)[:5]
-        hits5 += labels[t] in top
-    n = int(confusion.sum())
+        logits = emb @ text.T
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :5] if len(labels) > 5 else np.argsort(-logits, axis=1, kind="stable")
+        pairs.update(zip(batch_truth, top[:, 0].tolist()))
+        hits5 += int((top == np.asarray(batch_truth)[:, None]).any(axis=1).sum())
+    n = sum(pairs.values())
     if n == 0:
         raise InputError(f"no image under {root} could be read")
-    per_class = {
-        label: 100.0 * float(confusion[i, i]) / max(1, int(confusion[i].sum())) for i, label in enumerate(labels)
-    }
+    class_images = [0] * len(labels)
+    correct = [0] * len(labels)
+    for (t, p), c in pairs.items():
+        class_images[t] += c
+        correct[t] += c if t == p else 0
+    confusion = None
+    if len(labels) <= FULL_CONFUSION:
+        dense = np.zeros((len(labels), len(labels)), dtype=np.int64)
+        for (t, p), c in pairs.items():
+            dense[t, p] = c
+        confusion = dense.tolist()
+    errors = sorted(((c, t, p) for (t, p), c in pairs.items() if t != p), key=lambda x: (-x[0], x[1], x[2]))
     report = ZeroShotReport(
         model=encoder.spec,
         labels=labels,
         n=n,
-        top1=100.0 * float(np.trace(confusion)) / n,
+        top1=100.0 * sum(correct) / n,
         top5=100.0 * hits5 / n if len(labels) >= 5 else None,
-        per_class=per_class,
-        confusion=confusion.tolist(),
+        per_class={label: 100.0 * correct[i] / max(1, class_images[i]) for i, label in enumerate(labels)},
+        confusion=confusion,
+        class_images=class_images,
+        most_confused=[(labels[t], labels[p], c) for c, t, p in errors[:20]],
         failed=failed,
     )
     if plot is not None:
-        report.plot = str(plot_confusion(confusion, labels, plot, title=f"{Path(root).name}: {encoder.spec}"))
+        shown = _plotted_classes(pairs, len(labels))
+        pos = {c: i for i, c in enumerate(shown)}
+        sub = np.zeros((len(shown), len(shown)), dtype=np.int64)
+        for (t, p), c in pairs.items():
+            if t in pos and p in pos:
+                sub[pos[t], pos[p]] = c
+        title = f"{Path(root).name}: {encoder.spec}"
+        if len(shown) < len(labels):
+            title += f"\nthe {len(shown)} most confused of {len(labels)} classes"
+        report.plot = str(plot_confusion(sub, [labels[c] for c in shown], plot, title=title))
     return report
+
+
+def _embedded_batches(encoder, items: list[tuple[str, int]]):
+    """(truths, embeddings, [(path, error)]) per batch of readable images."""
+    from .errors import DecodeError
+    from .images import load_image
+
+    step = max(1, int(encoder.image_batch_size))
+    for start in range(0, len(items), step):
+        truths, images, bad = [], [], []
+        for path, t in items[start : start + step]:
+            try:
+                images.append(load_image(path, draft_size=encoder.image_size))
+                truths.append(t)
+            except DecodeError as e:
+                bad.append((path, str(e)))
+        yield truths, encoder.encode_images(images) if images else np.zeros((0, encoder.dim), np.float32), bad
+
+
+def _plotted_classes(pairs, n_labels: int) -> list[int]:
+    """Every class when few, else the PLOT_CLASSES classes with the most errors (as truth or guess)."""
+    if n_labels <= PLOT_CLASSES:
+        return list(range(n_labels))
+    errors = np.zeros(n_labels, dtype=np.int64)
+    for (t, p), c in pairs.items():
+        if t != p:
+            errors[t] += c
+            errors[p] += c
+    return sorted(np.argsort(-errors, kind="stable")[:PLOT_CLASSES].tolist())
 
 
 def _as_encoder(encoder):

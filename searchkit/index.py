@@ -206,9 +206,10 @@ class Index:
         result is the true top k among the matches (FAISS id-selector pre-filtering)."""
         return self._searcher.search(query, k, kind, where=where)
 
-    def classify(self, images, labels, templates: Sequence[str] | None = None) -> list[ClassifyResult]:
-        """Zero-shot classify images (paths, folders or PIL images) with this bundle's encoder."""
-        return classify_images(self.encoder, images, labels, templates)
+    def classify(self, images, labels=None, templates: Sequence[str] | None = None, *, examples=None) -> list[ClassifyResult]:
+        """Classify images (paths, folders or PIL images) with this bundle's encoder: zero-shot,
+        or few-shot with `examples` (a folder of label sub-folders or a `FewShotClassifier`)."""
+        return classify_images(self.encoder, images, labels, templates, examples=examples)
 
     def failures(self) -> list[dict]:
         return self.store.failures()

@@ -125,17 +125,29 @@ def load_image_or_raise(path, draft_size=None):
         raise InputError(f"cannot read image {path}: {e}") from e
 
 
-def classify_images(encoder, images, labels, templates: Sequence[str] | None = None) -> list[ClassifyResult]:
-    """Zero-shot classification of images (paths, folders or PIL images) by the label prompts
-    (`searchkit.zeroshot.label_scorer`)."""
+def classify_images(encoder, images, labels, templates: Sequence[str] | None = None, examples=None) -> list[ClassifyResult]:
+    """Classify images (paths, folders or PIL images): zero-shot by nearest label prompt, or with
+    `examples` (a folder of label sub-folders, a label -> paths mapping, or a fitted
+    `FewShotClassifier`) few-shot, see searchkit/fewshot.py. `labels` may be None with examples.
+    Zero-shot goes through `searchkit.zeroshot.label_scorer` (mini adds its tower's classifier)."""
     from PIL import Image
 
     from .errors import DecodeError
     from .images import image_paths_under, load_image, to_rgb
     from .zeroshot import check_templates, label_scorer, parse_labels
 
-    labels = parse_labels(labels)
-    templates = check_templates(templates)
+    if examples is not None:
+        from .fewshot import FewShotClassifier
+
+        clf = examples if isinstance(examples, FewShotClassifier) else FewShotClassifier.fit(encoder, examples, labels, templates)
+        clf.check_encoder(encoder)
+        labels = clf.labels
+
+        def scores(images):
+            return clf.probabilities(*encoder.encode_images_with_features(images))
+    else:
+        labels = parse_labels(labels)
+        scores = label_scorer(encoder, labels, check_templates(templates))
     items: list[tuple[str, Any]] = []
     for x in [images] if isinstance(images, (str, os.PathLike, Image.Image)) else images:
         if isinstance(x, Image.Image):
@@ -146,14 +158,13 @@ def classify_images(encoder, images, labels, templates: Sequence[str] | None = N
             items.append((str(x), str(x)))
     if not items:
         raise UsageError("no images to classify")
-    scorer = label_scorer(encoder, labels, templates)
     results: list[ClassifyResult] = []
     batch: list[tuple[str, Any]] = []
 
     def flush():
         if not batch:
             return
-        probs = scorer([img for _, img in batch])
+        probs = scores([img for _, img in batch])
         for (path, _), p in zip(batch, probs):
             best = int(np.argmax(p))
             results.append(ClassifyResult(path, labels[best], float(p[best]), dict(zip(labels, map(float, p)))))

@@ -50,10 +50,16 @@ def check_templates(templates: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(templates)
 
 
-def label_embeddings(encoder, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    """(n_labels, dim) normalized mean prompt embeddings."""
-    prompts = [t.replace("{}", label) for label in labels for t in templates]
-    emb = encoder.encode_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+def label_embeddings(encoder, labels: Sequence[str], templates: Sequence[str], *, max_prompts: int = 2048) -> np.ndarray:
+    """(n_labels, dim) normalized mean prompt embeddings, embedded at most `max_prompts` prompts
+    at a time, so 1,000 labels x 10 templates never hold all their prompt embeddings at once."""
+    step = max(1, max_prompts // max(1, len(templates)))
+    parts = []
+    for start in range(0, len(labels), step):
+        chunk = labels[start : start + step]
+        prompts = [t.replace("{}", label) for label in chunk for t in templates]
+        parts.append(encoder.encode_texts(prompts).reshape(len(chunk), len(templates), -1).mean(axis=1))
+    emb = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), dtype=np.float32)
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 

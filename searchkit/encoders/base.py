@@ -99,21 +99,38 @@ class Encoder(ABC):
         Paths are opened with searchkit's loader (EXIF orientation, any mode to RGB); an
         unreadable path raises `searchkit.errors.DecodeError`.
         """
+        parts = [self.encode_image_tensors(batch) for batch in self._image_batches(images)]
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, self.dim), dtype=np.float32)
+
+    def encode_images_with_features(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings, features) of images: the features are what few-shot learning compares
+        examples by, normalized rows; an encoder whose tower features hold more than its
+        embedding gives those (see `DualEncoder`), others their embeddings again."""
+        embs, feats = [], []
+        for batch in self._image_batches(images):
+            e, f = self.encode_image_tensors_with_features(batch)
+            embs.append(e)
+            feats.append(f)
+        if not embs:
+            return np.zeros((0, self.dim), dtype=np.float32), np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(embs, axis=0), np.concatenate(feats, axis=0)
+
+    def encode_image_tensors_with_features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        emb = self.encode_image_tensors(batch)
+        return emb, emb
+
+    def _image_batches(self, images: Sequence[ImageInput]):
+        """Preprocessed NCHW batches of `image_batch_size` images."""
         import torch
 
         from ..images import load_image, to_rgb
 
         images = list(images)
-        if not images:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        parts = []
         for i in range(0, len(images), self.image_batch_size):
-            chunk = images[i : i + self.image_batch_size]
             tensors = []
-            for item in chunk:
+            for item in images[i : i + self.image_batch_size]:
                 img = to_rgb(item) if not isinstance(item, (str, Path)) else load_image(
                     item, draft_size=self.image_size
                 )
                 tensors.append(self.preprocess(img))
-            parts.append(self.encode_image_tensors(torch.stack(tensors)))
-        return np.concatenate(parts, axis=0)
+            yield torch.stack(tensors)

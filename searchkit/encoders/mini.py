@@ -287,6 +287,17 @@ class DualEncoder(Encoder):
         with torch.no_grad():
             return l2_normalize(self.heads.image(self.image_tower.features(batch)))
 
+    def encode_image_tensors_with_features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The embeddings, and the tower features standardized by the image head's training
+        statistics: few-shot examples separate classes there far better than in the 256-d
+        joint space the heads were trained for (bench/fewshot.py)."""
+        import torch
+
+        with torch.no_grad():
+            feats = self.image_tower.features(batch)
+            head = self.heads.image
+            return l2_normalize(head(feats)), l2_normalize((feats.to(head.mean.device) - head.mean) / head.std)
+
     def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
         import torch
 
