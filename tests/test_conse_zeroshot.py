@@ -86,6 +86,15 @@ def test_mini_classify_mixes_the_heads_with_the_tower_classifier(tmp_path):
         assert r.label == labels[int(row.argmax())]
     assert isinstance(ConSEZeroShot(enc, labels, DEFAULT_TEMPLATES).weights, np.ndarray)
 
+    # eval zeroshot scores the same way: one folder per label, each holding all three images
+    from searchkit.evaluate import evaluate_zeroshot
+
+    for lab in labels:
+        make_images(tmp_path / "sets" / lab.replace(" ", "_"), 3)
+    report = evaluate_zeroshot(enc, tmp_path / "sets")
+    predicted = [labels[int(i)] for i in want.argmax(1)]
+    assert report.confusion == [[predicted.count(lab) for lab in report.labels]] * 3
+
     # the shipped class-name embeddings are the text tower's (fp16): check a few rows
     rows = [0, 1, len(name_class) - 1]
     from searchkit.encoders.conse_zeroshot import CLASS_TEMPLATE, imagenet_synonyms
