@@ -77,15 +77,16 @@ def classify_cmd(
 
     if labels is None and examples is None:
         raise UsageError('give --labels (e.g. --labels "cat,dog") or --examples DIR')
-    if model:
-        encoder = get_encoder(model)
-    else:
+    images = [str(p) for p in paths]
+    results = None
+    if not model:
         try:
             with open_index(index) as idx:
-                encoder = idx.encoder
+                results = idx.classify(images, labels, template, examples=examples)
         except IndexNotFoundError:
-            encoder = get_encoder("auto")
-    results = classify_images(encoder, [str(p) for p in paths], labels, template, examples=examples)
+            model = "auto"
+    if results is None:
+        results = classify_images(get_encoder(model), images, labels, template, examples=examples)
     if json_out:
         for r in results:
             print_json(r.to_dict())

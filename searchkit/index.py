@@ -209,7 +209,8 @@ class Index:
     def classify(self, images, labels=None, templates: Sequence[str] | None = None, *, examples=None) -> list[ClassifyResult]:
         """Classify images (paths, folders or PIL images) with this bundle's encoder: zero-shot,
         or few-shot with `examples` (a folder of label sub-folders or a `FewShotClassifier`)."""
-        return classify_images(self.encoder, images, labels, templates, examples=examples)
+        text = self._searcher.text_encoder()  # the torch-free text tower when the bundle has one
+        return classify_images(self.encoder, images, labels, templates, examples=examples, text_encoder=text)
 
     def failures(self) -> list[dict]:
         return self.store.failures()

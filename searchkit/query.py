@@ -125,10 +125,13 @@ def load_image_or_raise(path, draft_size=None):
         raise InputError(f"cannot read image {path}: {e}") from e
 
 
-def classify_images(encoder, images, labels, templates: Sequence[str] | None = None, examples=None) -> list[ClassifyResult]:
+def classify_images(
+    encoder, images, labels, templates: Sequence[str] | None = None, examples=None, *, text_encoder=None
+) -> list[ClassifyResult]:
     """Classify images (paths, folders or PIL images): zero-shot by nearest label prompt, or with
     `examples` (a folder of label sub-folders, a label -> paths mapping, or a fitted
     `FewShotClassifier`) few-shot, see searchkit/fewshot.py. `labels` may be None with examples.
+    `text_encoder` embeds the label prompts instead of `encoder` (a bundle's torch-free text tower).
     Zero-shot goes through `searchkit.zeroshot.label_scorer` (mini adds its tower's classifier)."""
     from PIL import Image
 
@@ -147,7 +150,7 @@ def classify_images(encoder, images, labels, templates: Sequence[str] | None = N
             return clf.probabilities(*encoder.encode_images_with_features(images))
     else:
         labels = parse_labels(labels)
-        scores = label_scorer(encoder, labels, check_templates(templates))
+        scores = label_scorer(encoder, labels, check_templates(templates), text_encoder=text_encoder)
     items: list[tuple[str, Any]] = []
     for x in [images] if isinstance(images, (str, os.PathLike, Image.Image)) else images:
         if isinstance(x, Image.Image):

@@ -70,12 +70,14 @@ def probabilities(image_emb: np.ndarray, label_emb: np.ndarray, logit_scale: flo
     return p / p.sum(axis=1, keepdims=True)
 
 
-def label_scorer(encoder, labels: Sequence[str], templates: Sequence[str]):
+def label_scorer(encoder, labels: Sequence[str], templates: Sequence[str], text_encoder=None):
     """A function from RGB PIL images to (n, n_labels) label probabilities: the encoder's own
-    zero-shot scorer when it has one, else the nearest label prompt."""
+    zero-shot scorer when it has one (it embeds the prompts with its own text tower, whose raw
+    features it needs), else the nearest label prompt, the prompts embedded by `text_encoder`
+    (default `encoder`)."""
     own = getattr(encoder, "zeroshot_scorer", None)
     scorer = own(labels, templates) if own is not None else None
     if scorer is not None:
         return scorer
-    text_emb = label_embeddings(encoder, labels, templates)
+    text_emb = label_embeddings(text_encoder or encoder, labels, templates)
     return lambda images: probabilities(encoder.encode_images(images), text_emb, encoder.logit_scale)
