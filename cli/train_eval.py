@@ -56,6 +56,9 @@ def train_cmd(
         help="Word-dropout variants per training caption, embedded once and shown in place of the caption at random. 0: none.",
     ),
     caption_word_dropout: float = typer.Option(0.2, "--caption-word-dropout", min=0.0, max=0.9, help="Share of a variant's words dropped."),
+    all_captions: bool = typer.Option(
+        False, "--all-captions", help="Each step shows all captions of its images (several positives per image).",
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="torch device. [default: cuda when present, else cpu]"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Tower feature cache. [default: $SEARCHKIT_CACHE/features or ~/.cache/searchkit/features]"),
     json_out: bool = JsonOpt,
@@ -82,6 +85,7 @@ def train_cmd(
         init_from=init_from,
         caption_augment=caption_augment,
         caption_word_dropout=caption_word_dropout,
+        all_captions=all_captions,
     )
     result = train(
         captions,

@@ -188,20 +188,19 @@ def evaluate_zeroshot(
     """
     from collections import Counter
 
-    from .zeroshot import check_templates, label_embeddings
+    from .zeroshot import check_templates, label_scorer
 
     classes = class_folders(root)
     encoder = _as_encoder(encoder)
     labels = [label for label, _ in classes]
-    text = label_embeddings(encoder, labels, check_templates(templates))
+    scorer = label_scorer(encoder, labels, check_templates(templates))  # the same scores as classify
     pairs: Counter[tuple[int, int]] = Counter()
     hits5, failed = 0, []
     items = [(p, t) for t, (_, paths) in enumerate(classes) for p in paths]
-    for batch_truth, emb, bad in _embedded_batches(encoder, items):
+    for batch_truth, logits, bad in _scored_batches(encoder, scorer, items):
         failed.extend(bad)
-        if not len(emb):
+        if not len(logits):
             continue
-        logits = emb @ text.T
         top = np.argsort(-logits, axis=1, kind="stable")[:, :5] if len(labels) > 5 else np.argsort(-logits, axis=1, kind="stable")
         pairs.update(zip(batch_truth, top[:, 0].tolist()))
         hits5 += int((top == np.asarray(batch_truth)[:, None]).any(axis=1).sum())
@@ -246,8 +245,8 @@ def evaluate_zeroshot(
     return report
 
 
-def _embedded_batches(encoder, items: list[tuple[str, int]]):
-    """(truths, embeddings, [(path, error)]) per batch of readable images."""
+def _scored_batches(encoder, scorer, items: list[tuple[str, int]]):
+    """(truths, label scores, [(path, error)]) per batch of readable images."""
     from .errors import DecodeError
     from .images import load_image
 
@@ -260,7 +259,7 @@ def _embedded_batches(encoder, items: list[tuple[str, int]]):
                 truths.append(t)
             except DecodeError as e:
                 bad.append((path, str(e)))
-        yield truths, encoder.encode_images(images) if images else np.zeros((0, encoder.dim), np.float32), bad
+        yield truths, scorer(images) if images else np.zeros((0, 0), np.float32), bad
 
 
 def _plotted_classes(pairs, n_labels: int) -> list[int]:

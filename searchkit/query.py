@@ -118,12 +118,13 @@ def classify_images(
     """Classify images (paths, folders or PIL images): zero-shot by nearest label prompt, or with
     `examples` (a folder of label sub-folders, a label -> paths mapping, or a fitted
     `FewShotClassifier`) few-shot, see searchkit/fewshot.py. `labels` may be None with examples.
-    `text_encoder` embeds the label prompts instead of `encoder` (a bundle's torch-free text tower)."""
+    `text_encoder` embeds the label prompts instead of `encoder` (a bundle's torch-free text tower).
+    Zero-shot goes through `searchkit.zeroshot.label_scorer` (mini adds its tower's classifier)."""
     from PIL import Image
 
     from .errors import DecodeError
     from .images import image_paths_under, load_image, to_rgb
-    from .zeroshot import check_templates, label_embeddings, parse_labels, probabilities
+    from .zeroshot import check_templates, label_scorer, parse_labels
 
     if examples is not None:
         from .fewshot import FewShotClassifier
@@ -136,10 +137,7 @@ def classify_images(
             return clf.probabilities(*encoder.encode_images_with_features(images))
     else:
         labels = parse_labels(labels)
-        text_emb = label_embeddings(text_encoder or encoder, labels, check_templates(templates))
-
-        def scores(images):
-            return probabilities(encoder.encode_images(images), text_emb, encoder.logit_scale)
+        scores = label_scorer(encoder, labels, check_templates(templates), text_encoder=text_encoder)
     items: list[tuple[str, Any]] = []
     for x in [images] if isinstance(images, (str, os.PathLike, Image.Image)) else images:
         if isinstance(x, Image.Image):

@@ -2,7 +2,9 @@
 
 Each label's text embedding is the mean of the normalized embeddings of its prompts (one per
 template), normalized again; image embeddings are compared with these by cosine, scaled by the
-encoder's logit scale, and a softmax gives the probabilities.
+encoder's logit scale, and a softmax gives the probabilities. An encoder may bring its own
+scorer (`zeroshot_scorer(labels, templates)`): mini adds its image tower's ImageNet classifier
+(encoders/conse_zeroshot.py).
 """
 
 from __future__ import annotations
@@ -66,3 +68,16 @@ def probabilities(image_emb: np.ndarray, label_emb: np.ndarray, logit_scale: flo
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(axis=1, keepdims=True)
+
+
+def label_scorer(encoder, labels: Sequence[str], templates: Sequence[str], text_encoder=None):
+    """A function from RGB PIL images to (n, n_labels) label probabilities: the encoder's own
+    zero-shot scorer when it has one (it embeds the prompts with its own text tower, whose raw
+    features it needs), else the nearest label prompt, the prompts embedded by `text_encoder`
+    (default `encoder`)."""
+    own = getattr(encoder, "zeroshot_scorer", None)
+    scorer = own(labels, templates) if own is not None else None
+    if scorer is not None:
+        return scorer
+    text_emb = label_embeddings(text_encoder or encoder, labels, templates)
+    return lambda images: probabilities(encoder.encode_images(images), text_emb, encoder.logit_scale)

@@ -176,6 +176,38 @@ def test_train_with_caption_augmentation(pair_data, tmp_path):
     assert [h.loss for h in plain.history] != pytest.approx(losses)  # the variants are really shown
 
 
+def test_multi_positive_infonce_matches_hand_computed_values():
+    import math
+
+    import torch
+
+    from searchkit.train.contrastive import _caption_table, multi_positive_infonce
+
+    np.testing.assert_array_equal(_caption_table(np.array([1, 0, 1, 1])), [[1, -1, -1], [0, 2, 3]])
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])  # captions 0, 1 belong to image 0
+    owner = torch.tensor([0, 0, 1])
+    got = float(multi_positive_infonce(img, txt, owner, torch.tensor(2.0)))
+    sims = [[1.0, 0.6, 0.0], [0.0, 0.8, 1.0]]
+    e = [[math.exp(2 * x) for x in row] for row in sims]
+    t2i = -sum(math.log(e[int(owner[j])][j] / (e[0][j] + e[1][j])) for j in range(3)) / 3
+    i2t = -(math.log((e[0][0] + e[0][1]) / sum(e[0])) + math.log(e[1][2] / sum(e[1]))) / 2
+    assert got == pytest.approx((t2i + i2t) / 2, rel=1e-6)
+
+
+def test_train_with_all_captions_per_step(pair_data, tmp_path):
+    cfg = TrainConfig(image_tower=TINY, text_tower=TINY, dim=16, epochs=3, batch_size=8, lr=5e-3, dropout=0.0,
+                      patience=10, all_captions=True)
+    result = train(
+        pair_data / "captions.csv", pair_data / "images", tmp_path / "all", cfg,
+        val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False,
+    )
+    losses = [h.loss for h in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["training"]["config"]["all_captions"] is True
+    get_encoder(str(tmp_path / "all")).encode_texts(["a red square"])  # the checkpoint loads
+
+
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     from searchkit.errors import UnknownModelError
 

@@ -308,6 +308,15 @@ class DualEncoder(Encoder):
         with torch.no_grad():
             return l2_normalize(self.heads.text(self.text_tower.features(texts)))
 
+    def zeroshot_scorer(self, labels, templates):
+        """With an EfficientNet-Lite tower, zero-shot also uses its ImageNet classifier
+        (encoders/conse_zeroshot.py); None elsewhere (the nearest-prompt recipe applies)."""
+        if not self.config["image_tower"].startswith("efficientnet"):
+            return None
+        from .conse_zeroshot import ConSEZeroShot
+
+        return ConSEZeroShot(self, labels, templates).probabilities
+
     def image_module(self) -> torch.nn.Module:
         """One module from a preprocessed NCHW batch to normalized embeddings (for ONNX export):
         the tower network, its derive step (ConSE) and the image head; shares their weights."""

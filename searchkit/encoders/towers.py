@@ -195,6 +195,13 @@ class LiteImageTower(ImageTower):
         """`derive` as a module (the ConSE step), or None when derive is the identity."""
         return self._conse
 
+    def class_logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """The ImageNet classifier's logits for raw (pooled) features (zero-shot uses them)."""
+        import torch
+
+        with torch.no_grad():
+            return self.model.get_classifier()(raw.to(self.device))
+
     @property
     def network(self) -> torch.nn.Module:
         return self.model

@@ -11,6 +11,10 @@ With `caption_augment = K` every training caption also gets K word-dropout varia
 dropped with probability `caption_word_dropout`), embedded once by the frozen text tower and
 cached like the captions; each step then shows a caption or one of its variants, at random.
 
+With `all_captions` each step pairs its images with all of their training captions (Flickr8k: five
+each) instead of one: text→image is the usual cross-entropy per caption, image→text counts every
+caption of the image as a positive (`multi_positive_infonce`).
+
 Loss: symmetric InfoNCE with a learnable temperature. Each epoch visits every caption once;
 batches never hold two captions of the same image (they would be false negatives). After
 every epoch the heads are scored on the validation images (Recall@1/5/10 both ways); the best
@@ -59,6 +63,7 @@ class TrainConfig:
     init_from: str | None = None  # start the heads from this checkpoint's ("mini": the shipped one)
     caption_augment: int = 0  # word-dropout variants per training caption; 0 = captions as written
     caption_word_dropout: float = 0.2  # share of a variant's words dropped
+    all_captions: bool = False  # each step shows all of its images' captions (several positives each)
 
 
 #: AdamW weight decay of unfrozen tower blocks (pretrained weights: decay gently)
@@ -125,6 +130,31 @@ def symmetric_infonce(img, txt, scale):
     logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def multi_positive_infonce(img, txt, owner, scale):
+    """Symmetric InfoNCE when image i owns every caption j with `owner[j] == i`: text→image is the
+    cross-entropy of each caption's row, image→text the -log of the softmax mass on the image's own
+    captions, each side averaged over its rows."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T  # (images, captions)
+    t2i = F.cross_entropy(logits.T, owner)
+    own = owner[None, :] == torch.arange(len(logits), device=logits.device)[:, None]
+    i2t = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~own, float("-inf")), 1)).mean()
+    return (t2i + i2t) / 2
+
+
+def _caption_table(caption_image: np.ndarray) -> np.ndarray:
+    """(n_images, most captions of one image): each image's caption indices, padded with -1."""
+    n = int(caption_image.max()) + 1
+    counts = np.bincount(caption_image, minlength=n)
+    table = np.full((n, int(counts.max())), -1, dtype=np.int64)
+    order = np.argsort(caption_image, kind="stable")
+    slot = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    table[caption_image[order], slot] = order
+    return table
 
 
 def _features(module, inputs, device: str, batch: int = 256):
@@ -222,6 +252,18 @@ def fit_heads(
         pick = torch.randint(0, variants.shape[1], (len(idx),), generator=gen).to(device)
         return variants[idx, pick]
 
+    table = torch.from_numpy(_caption_table(caption_image)).to(device) if config.all_captions else None
+
+    def step_loss(b):
+        """The loss of one batch of captions (of distinct images)."""
+        images = cap_img[b]
+        if table is None:
+            return symmetric_infonce(heads.image(image_batch(images)), heads.text(text_batch(b)), heads.scale())
+        caps = table[images]  # (batch, most captions of an image)
+        keep = caps >= 0
+        owner = torch.arange(len(b), device=device)[:, None].expand_as(caps)[keep]
+        return multi_positive_infonce(heads.image(image_batch(images)), heads.text(text_batch(caps[keep])), owner, heads.scale())
+
     def image_batch(idx):
         x = img_t[idx]
         return image_tail(x) if image_tail is not None else x
@@ -251,7 +293,7 @@ def fit_heads(
         losses = []
         for b in batches:
             b = torch.from_numpy(b).to(device)
-            loss = symmetric_infonce(heads.image(image_batch(cap_img[b])), heads.text(text_batch(b)), heads.scale())
+            loss = step_loss(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
