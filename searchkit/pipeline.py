@@ -203,12 +203,12 @@ class _Run:
     def _write_images(self, pending: list[Decoded]) -> None:
         if not pending:
             return
-        import torch
+        from .encoders.base import stack_batch
 
         store, summary = self.store, self.summary
         oks = [d for d in pending if d.status == "ok"]
         t0 = time.perf_counter()
-        vecs = self.idx.encoder.encode_image_tensors(torch.stack([d.tensor for d in oks])) if oks else None
+        vecs = self.idx.encoder.encode_image_tensors(stack_batch([d.tensor for d in oks])) if oks else None
         t1 = time.perf_counter()
         self.times.encode += t1 - t0
         added_ids: list[int] = []
