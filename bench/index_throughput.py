@@ -15,7 +15,8 @@ fresh process and a fresh bundle, text-tower export included, wall and CPU secon
 RSS. The model's exports are in the cache (a warm-up run made them, once per machine, and its
 own figures are reported as `cold_cache`). `--compare PYTHON` runs another installation's
 `python -m searchkit.cli` the same way, interleaved with this one (e.g. the untouched main
-checkout), each with its own cache, and reports the ratios.
+checkout, or `--compare-pythonpath` a snapshot made with `git archive`), each with its own cache,
+and reports the ratios.
 Prints one JSON object.
 """
 
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="8,16,32,64")
     ap.add_argument("--first-run", action="store_true", help="measure first runs instead (see the docstring)")
     ap.add_argument("--compare", help="another installation's python to run interleaved (--first-run)")
+    ap.add_argument("--compare-pythonpath", help="PYTHONPATH for --compare (a source snapshot, e.g. of main)")
     ap.add_argument("--reps", type=int, default=2, help="first runs per installation (median reported)")
     args = ap.parse_args()
     if args.first_run:
@@ -194,7 +196,7 @@ _MEASURE = (
 )
 
 
-def first_run(python: str, spec: str, folder: Path, bundle: Path, cache: Path) -> dict:
+def first_run(python: str, spec: str, folder: Path, bundle: Path, cache: Path, pythonpath: str | None = None) -> dict:
     """One `searchkit index` of `folder` into the fresh `bundle`, as a fresh process."""
     import subprocess
 
@@ -202,6 +204,8 @@ def first_run(python: str, spec: str, folder: Path, bundle: Path, cache: Path) -
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEARCHKIT_")}
     env["SEARCHKIT_CACHE"] = str(cache)
     env["PYTHONWARNINGS"] = "ignore"
+    if pythonpath:  # (a source snapshot to run instead of the installation's own searchkit)
+        env["PYTHONPATH"] = pythonpath
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=bundle.parent)  # (cwd: not a checkout)
     wall = time.perf_counter() - t
@@ -210,8 +214,10 @@ def first_run(python: str, spec: str, folder: Path, bundle: Path, cache: Path) -
         raise SystemExit(f"{python}: exit {out.returncode}\n" + "\n".join(lines[-20:]))
     rss_kb, cpu_s = lines[-1].split()
     added = json.loads(out.stdout)["added"]
-    return {"wall_s": round(wall, 2), "cpu_s": round(float(cpu_s), 2), "peak_rss_mib": round(int(rss_kb) / 1024, 1), "added": added,
-            "text_export": (bundle / "text-onnx" / "meta.json").exists()}
+    res = {"wall_s": round(wall, 2), "cpu_s": round(float(cpu_s), 2), "peak_rss_mib": round(int(rss_kb) / 1024, 1), "added": added,
+           "text_export": (bundle / "text-onnx" / "meta.json").exists()}
+    print(bundle.name, json.dumps(res), file=sys.stderr, flush=True)  # (progress, in case of a timeout)
+    return res
 
 
 def first_run_main(args) -> None:
@@ -222,13 +228,19 @@ def first_run_main(args) -> None:
         pythons["compare"] = args.compare
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        folder = args.keep or work / "photos"
-        paths = make_phone_photos(folder, args.n)
+        paths = make_phone_photos(args.keep or work / "photos", args.n)
+        folder = work / "first-run"  # exactly the n photos (--keep may hold more)
+        folder.mkdir()
+        for p in paths:
+            os.symlink(p, folder / p.name)
         runs: dict[str, list[dict]] = {k: [] for k in pythons}
-        cold = {k: first_run(py, args.model, folder, work / f"warmup-{k}", work / f"cache-{k}") for k, py in pythons.items()}
+        paths_of = {"this": None, "compare": args.compare_pythonpath}
+        cold = {
+            k: first_run(py, args.model, folder, work / f"warmup-{k}", work / f"cache-{k}", paths_of[k]) for k, py in pythons.items()
+        }
         for rep in range(args.reps):  # interleaved, so both see the same load
             for k, py in pythons.items():
-                runs[k].append(first_run(py, args.model, folder, work / f"bundle-{k}-{rep}", work / f"cache-{k}"))
+                runs[k].append(first_run(py, args.model, folder, work / f"bundle-{k}-{rep}", work / f"cache-{k}", paths_of[k]))
     med = {
         k: {m: round(statistics.median(r[m] for r in rs), 2) for m in ("wall_s", "cpu_s", "peak_rss_mib")} | {"runs": rs}
         for k, rs in runs.items()
