@@ -119,3 +119,14 @@ def test_image_onnx_can_be_turned_off(tmp_path, monkeypatch):
     assert not onnx_image.enabled("cpu")
     monkeypatch.delenv("SEARCHKIT_IMAGE_ONNX")
     assert onnx_image.enabled("cpu") and not onnx_image.enabled("cuda")
+
+
+def test_default_device_needs_no_torch_without_a_gpu_driver(monkeypatch):
+    from searchkit.encoders.base import _cuda_driver_absent
+
+    if not _cuda_driver_absent():
+        pytest.skip("this machine has a GPU driver: torch is asked")
+    env = {k: v for k, v in os.environ.items() if k != "SEARCHKIT_DEVICE"}
+    code = "import sys; from searchkit.encoders.base import default_device; print(default_device(), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["cpu", "False"], out.stderr
