@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--first-run", action="store_true", help="measure first runs instead (see the docstring)")
     ap.add_argument("--compare", help="another installation's python to run interleaved (--first-run)")
     ap.add_argument("--compare-pythonpath", help="PYTHONPATH for --compare (a source snapshot, e.g. of main)")
+    ap.add_argument("--cache-root", type=Path, help="keep each installation's cache in DIR/cache-NAME across runs "
+                    "(the warm-up is then no cold-cache run)")
     ap.add_argument("--reps", type=int, default=2, help="first runs per installation (median reported)")
     args = ap.parse_args()
     if args.first_run:
@@ -235,12 +237,13 @@ def first_run_main(args) -> None:
             os.symlink(p, folder / p.name)
         runs: dict[str, list[dict]] = {k: [] for k in pythons}
         paths_of = {"this": None, "compare": args.compare_pythonpath}
+        caches = args.cache_root or work
         cold = {
-            k: first_run(py, args.model, folder, work / f"warmup-{k}", work / f"cache-{k}", paths_of[k]) for k, py in pythons.items()
+            k: first_run(py, args.model, folder, work / f"warmup-{k}", caches / f"cache-{k}", paths_of[k]) for k, py in pythons.items()
         }
         for rep in range(args.reps):  # interleaved, so both see the same load
             for k, py in pythons.items():
-                runs[k].append(first_run(py, args.model, folder, work / f"bundle-{k}-{rep}", work / f"cache-{k}", paths_of[k]))
+                runs[k].append(first_run(py, args.model, folder, work / f"bundle-{k}-{rep}", caches / f"cache-{k}", paths_of[k]))
     med = {
         k: {m: round(statistics.median(r[m] for r in rs), 2) for m in ("wall_s", "cpu_s", "peak_rss_mib")} | {"runs": rs}
         for k, rs in runs.items()
@@ -253,7 +256,7 @@ def first_run_main(args) -> None:
         "cpu_cores": cpu_count(),
         "pythons": pythons,
         "first_run_median": med,
-        "cold_cache": cold,
+        ("warm_up" if args.cache_root else "cold_cache"): cold,
     }
     if "compare" in med:
         result["this_over_compare"] = {m: round(med["this"][m] / med["compare"][m], 3) for m in ("wall_s", "cpu_s", "peak_rss_mib")}
