@@ -1,4 +1,5 @@
-"""The int8 ONNX Runtime image tower (`SPEC+int8`) against fp32 torch, measured in one run.
+"""The int8 ONNX Runtime image tower (`SPEC+int8`) against fp32 (on CPU: ONNX Runtime fp32, see
+encoders/onnx_image.py; `SEARCHKIT_IMAGE_ONNX=0` for torch fp32), measured in one run.
 
     python bench/fast_cpu.py [--model open_clip:ViT-B-32@random] [--n 64] [--recall]
 
@@ -24,11 +25,11 @@ from _common import FLICKR, flickr_images  # noqa: E402
 
 
 def throughput(enc, tensors, batch_sizes) -> tuple[float, int]:
-    import torch
+    from searchkit.encoders.base import stack_batch
 
     best = (0.0, 0)
     for bs in batch_sizes:
-        batch = torch.stack((tensors * (bs // len(tensors) + 1))[:bs])
+        batch = stack_batch((tensors * (bs // len(tensors) + 1))[:bs])
         enc.encode_image_tensors(batch[:2])
         reps = max(1, 64 // bs)
         t = time.perf_counter()
@@ -59,10 +60,10 @@ def main() -> None:
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     r32, b32 = throughput(fp32, tensors[:16], sizes)
     r8, b8 = throughput(int8, tensors[:16], sizes)
-    import torch
+    from searchkit.encoders.base import stack_batch
 
-    a = np.concatenate([fp32.encode_image_tensors(torch.stack(tensors[i : i + 32])) for i in range(0, len(tensors), 32)])
-    b = np.concatenate([int8.encode_image_tensors(torch.stack(tensors[i : i + 32])) for i in range(0, len(tensors), 32)])
+    a = np.concatenate([fp32.encode_image_tensors(stack_batch(tensors[i : i + 32])) for i in range(0, len(tensors), 32)])
+    b = np.concatenate([int8.encode_image_tensors(stack_batch(tensors[i : i + 32])) for i in range(0, len(tensors), 32)])
     cos = (a * b).sum(axis=1)
     out = {
         "benchmark": "fast_cpu",

@@ -222,11 +222,11 @@ class _Run:
     def _write_images(self, pending: list[Decoded]) -> None:
         if not pending:
             return
-        import torch
+        from .encoders.base import stack_batch
 
         oks = [d for d in pending if d.status == "ok"]
         t0 = time.perf_counter()
-        vecs = self.idx.encoder.encode_image_tensors(torch.stack([d.tensor for d in oks])) if oks else None
+        vecs = self.idx.encoder.encode_image_tensors(stack_batch([d.tensor for d in oks])) if oks else None
         self.times.encode += time.perf_counter() - t0
         self.commit_images(pending, vecs)
 

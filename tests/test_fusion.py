@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from cli.fusion import register
 from searchkit.encoders import Encoder, get_encoder, l2_normalize, register_family
+from searchkit.encoders.base import stack_batch
 from searchkit.errors import InputError, ModelMismatchError, UnknownModelError, UsageError
 from searchkit.fusion import (
     FusionConfig,
@@ -202,7 +203,7 @@ def test_token_adapters_share_the_pooled_pass(colour_data, tiny, tmp_path):
     rows = read_rows(colour_data[0])
     for enc in (tiny, get_encoder(str(tmp_path / "dual"))):
         adapter = token_adapter(enc)
-        batch = torch.stack([enc.preprocess(Image.open(p).convert("RGB")) for p in rows.images[:3]])
+        batch = torch.as_tensor(stack_batch([enc.preprocess(Image.open(p).convert("RGB")) for p in rows.images[:3]]))
         pooled, tokens = adapter.pooled_and_image_tokens(batch)
         np.testing.assert_allclose(pooled, enc.encode_image_tensors(batch), atol=1e-6)
         np.testing.assert_allclose(tokens, adapter.image_tokens(batch), atol=1e-5)

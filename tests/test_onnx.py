@@ -107,7 +107,9 @@ def test_mini_int8_matches_fp32(tmp_path):
 
     paths = make_images(tmp_path / "p", 6)
     base = searchkit.get_encoder("mini")
-    batch = torch.stack([base.preprocess(load_image(p)) for p in paths])
+    from searchkit.encoders.base import stack_batch
+
+    batch = torch.as_tensor(stack_batch([base.preprocess(load_image(p)) for p in paths]))
     with torch.no_grad():  # the exported module is the encoder's whole image path, ConSE included
         np.testing.assert_allclose(base.image_module().eval()(batch).numpy(), base.encode_image_tensors(batch), atol=1e-6)
     fast = searchkit.get_encoder("mini+int8")

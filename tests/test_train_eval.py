@@ -351,7 +351,8 @@ def _check_tuned_checkpoint(out, pair_data, result, blocks: int):
         by_hand = l2_normalize(heads.image(tower.features(batch)))
     enc = get_encoder(str(out), device="cpu")
     emb = enc.encode_images(paths)
-    np.testing.assert_array_equal(by_hand, emb)
+    # (on CPU the encoder's image tower runs on ONNX Runtime: equal up to float rounding)
+    np.testing.assert_allclose(by_hand, emb, atol=1e-5)
     assert not np.allclose(frozen, emb, atol=1e-3)
     # the full encoder (pixels through the whole tower) reproduces the validation figures of the
     # best epoch, which training computed from cached cut activations

@@ -8,7 +8,10 @@ Spec forms:
                               offline fallback (see `AUTO_CANDIDATES`)
 
 Other families register a prefix with `register_family(prefix, factory)`; a factory receives
-the part after the first ':' and the device.
+the part after the first ':' and the device. A family may also give `fingerprint(rest)`, the
+fingerprint its factory would produce, computed without loading the model: on CPU the registry
+then finds the model's cached ONNX image tower (encoders/onnx_image.py) and builds no torch
+model at all.
 """
 
 from __future__ import annotations
@@ -43,13 +46,17 @@ AUTO_CANDIDATES: list[str] = [DEFAULT_SPEC]
 
 Factory = Callable[[str, str], Encoder]
 _FAMILIES: dict[str, Factory] = {}
+_FINGERPRINTS: dict[str, Callable[[str], str | None]] = {}
 _CACHE: dict[tuple[str, str], Encoder] = {}
 _LOCK = threading.Lock()
 
 
-def register_family(prefix: str, factory: Factory) -> None:
-    """Make `prefix:REST` specs resolve through `factory(REST, device)`."""
+def register_family(prefix: str, factory: Factory, fingerprint: Callable[[str], str | None] | None = None) -> None:
+    """Make `prefix:REST` specs resolve through `factory(REST, device)`; `fingerprint(REST)`,
+    when given, is the encoder's fingerprint without building it (None: unknown)."""
     _FAMILIES[prefix] = factory
+    if fingerprint is not None:
+        _FINGERPRINTS[prefix] = fingerprint
 
 
 def families() -> list[str]:
@@ -59,9 +66,9 @@ def families() -> list[str]:
 
 def _ensure_builtin() -> None:
     if "open_clip" not in _FAMILIES:
-        from .openclip import load_open_clip
+        from .openclip import load_open_clip, open_clip_fingerprint
 
-        register_family("open_clip", load_open_clip)
+        register_family("open_clip", load_open_clip, open_clip_fingerprint)
         from . import mini  # noqa: F401  (registers "mini" and checkpoint paths; appends "mini" to auto)
 
 
@@ -104,11 +111,11 @@ def get_encoder(spec: str = "auto", *, device: str | None = None) -> Encoder:
 
         enc = Int8ImageEncoder(get_encoder(spec[: -len(INT8_SUFFIX)], device=device))
     elif sep and prefix in _FAMILIES:
-        enc = _FAMILIES[prefix](rest, device)
+        enc = _build(prefix, rest, device)
     elif not sep and spec in _FAMILIES:
-        enc = _FAMILIES[spec]("", device)
+        enc = _build(spec, "", device)
     elif "" in _FAMILIES and _looks_like_path(spec):
-        enc = _FAMILIES[""](spec, device)
+        enc = _build("", spec, device)
     else:
         raise UnknownModelError(
             f"unknown model spec '{spec}'; use one of: auto, "
@@ -118,6 +125,17 @@ def get_encoder(spec: str = "auto", *, device: str | None = None) -> Encoder:
     with _LOCK:
         _CACHE[key] = enc
     return enc
+
+
+def _build(family: str, rest: str, device: str) -> Encoder:
+    """The family's encoder; on CPU, with its image tower on ONNX Runtime where it has one."""
+    from . import onnx_image
+
+    factory = _FAMILIES[family]
+    if not onnx_image.enabled(device):
+        return factory(rest, device)
+    hint = _FINGERPRINTS.get(family)
+    return onnx_image.load(hint(rest) if hint else None, lambda: factory(rest, device))
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -369,7 +369,24 @@ def load_mini(rest: str, device: str) -> Encoder:
         raise ModelUnavailableError(f"model 'mini' needs its tower packages: {e}") from e
 
 
-register_family("mini", load_mini)
-register_family("", load_checkpoint)
+def _folder_fingerprint(folder: Path, spec: str) -> str | None:
+    """What `DualEncoder(folder, spec).fingerprint` is, without loading the towers."""
+    try:
+        return f"{spec}#{_files_hash(weight_files(folder, read_config(folder)))}"
+    except Exception:  # a broken checkpoint: loading it says what is wrong
+        return None
+
+
+def mini_fingerprint(rest: str) -> str | None:
+    return None if rest else _folder_fingerprint(MINI_DIR, "mini")
+
+
+def checkpoint_fingerprint(path: str) -> str | None:
+    folder = Path(path).expanduser()
+    return _folder_fingerprint(folder, str(folder.resolve())) if folder.exists() else None
+
+
+register_family("mini", load_mini, mini_fingerprint)
+register_family("", load_checkpoint, checkpoint_fingerprint)
 if "mini" not in AUTO_CANDIDATES:
     AUTO_CANDIDATES.append("mini")

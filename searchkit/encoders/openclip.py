@@ -209,6 +209,15 @@ class OpenClipEncoder(Encoder):
         return self.tokenizer if isinstance(self.tokenizer, SimpleTokenizer) else None
 
 
+def open_clip_fingerprint(rest: str) -> str | None:
+    """What `load_open_clip(rest).fingerprint` is, without loading (None for checkpoint files,
+    whose spec depends on the file)."""
+    arch, sep, pretrained = rest.partition("@")
+    if not arch or not sep or not pretrained or os.path.exists(pretrained):
+        return None
+    return f"open_clip:{rest}"
+
+
 def load_open_clip(rest: str, device: str) -> Encoder:
     arch, sep, pretrained = rest.partition("@")
     if not arch or not sep or not pretrained:

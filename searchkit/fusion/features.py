@@ -184,6 +184,7 @@ def _encode_images(encoder: Encoder, paths: list[Any], fn) -> list[Any]:
     row is a tuple)."""
     import torch
 
+    from ..encoders.base import stack_batch
     from ..images import load_image, to_rgb
 
     def prepare(item: Any):
@@ -198,7 +199,7 @@ def _encode_images(encoder: Encoder, paths: list[Any], fn) -> list[Any]:
     step = max(1, encoder.image_batch_size)
     with ThreadPoolExecutor(2) as pool:
         for start in range(0, len(paths), step):
-            batch = torch.stack(list(pool.map(prepare, paths[start : start + step])))
+            batch = torch.as_tensor(stack_batch(list(pool.map(prepare, paths[start : start + step]))))
             result = fn(batch)
             out.extend(zip(*result) if isinstance(result, tuple) else np.asarray(result))
     return out

@@ -95,6 +95,7 @@ def register_token_adapter(maker: AdapterMaker) -> None:
 
 def token_adapter(encoder: Encoder) -> TokenAdapter:
     """The token adapter of `encoder`; UsageError when its family cannot give tokens."""
+    encoder = getattr(encoder, "torch_encoder", lambda: encoder)()  # tokens come from the torch model
     for maker in [*_MAKERS, _open_clip_adapter, _tower_adapter]:
         adapter = maker(encoder)
         if adapter is not None:

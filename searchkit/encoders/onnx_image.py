@@ -1,0 +1,219 @@
+"""The fp32 image tower on ONNX Runtime (CPU), exported once per model fingerprint.
+
+On CPU an open_clip or `mini` encoder indexes images through `OnnxImageEncoder`: the image
+tower exported to ONNX (cached in `$SEARCHKIT_CACHE/image-onnx/`, see export_cache.py), with
+its preprocessing (resize, centre crop, scale, normalize) redone in numpy and PIL. With the
+export cached, an index run never imports torch or builds the torch model: measured with
+bench/index_throughput.py --first-run, that is most of a first run's seconds and megabytes.
+The torch model is loaded only on demand (texts with no cached text export, `+int8`, a fresh
+export). Embeddings agree with torch's within cosine 0.9999 (tests/test_onnx_image.py).
+
+`SEARCHKIT_IMAGE_ONNX=0` keeps the torch image tower. CUDA always keeps torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from . import export_cache
+from .base import Encoder, as_numpy
+
+LOG = logging.getLogger(__name__)
+
+KIND = "image-onnx"
+#: specs measured slower on ONNX Runtime than on torch (bench/index_throughput.py); none so
+#: far: ViT-B-32 and mini's EfficientNet-Lite0 both run faster there (README, Performance)
+SLOWER_ON_ONNX: frozenset[str] = frozenset()
+_OWN = frozenset({"_base", "_load_base", "_lock", "_text", "_pre", "_fingerprint"})
+_RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values
+
+
+def enabled(device: str) -> bool:
+    return device == "cpu" and os.environ.get("SEARCHKIT_IMAGE_ONNX") != "0"
+
+
+class Preprocess:
+    """torchvision's Resize(short side) -> CenterCrop -> ToTensor -> Normalize on an RGB PIL
+    image, in PIL and numpy (Resize on a PIL image is PIL's own resize, so the pixels match)."""
+
+    def __init__(self, size: int, crop: int, interpolation: str, mean: list[float], std: list[float]):
+        self.size, self.crop, self.interpolation = int(size), int(crop), interpolation
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+
+    def params(self) -> dict:
+        return {"size": self.size, "crop": self.crop, "interpolation": self.interpolation,
+                "mean": self.mean.ravel().tolist(), "std": self.std.ravel().tolist()}
+
+    def __call__(self, image) -> np.ndarray:
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        if short != self.size:  # torchvision: the short side to `size`, the long one truncated
+            new_long = int(self.size * long / short)
+            w, h = (self.size, new_long) if w <= h else (new_long, self.size)
+            image = image.resize((w, h), _RESAMPLE[self.interpolation])
+        c = self.crop
+        if w < c or h < c:  # torchvision pads a too-small image with zeros before cropping
+            from PIL import Image
+
+            canvas = Image.new("RGB", (max(w, c), max(h, c)))
+            canvas.paste(image, ((max(w, c) - w) // 2, (max(h, c) - h) // 2))
+            image, (w, h) = canvas, canvas.size
+        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        image = image.crop((left, top, left + c, top + c))
+        x = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        return np.ascontiguousarray((x - self.mean) / self.std)
+
+
+def preprocess_of(transform) -> Preprocess | None:
+    """The numpy twin of a torchvision Compose, or None when it holds steps it does not know."""
+    steps = list(getattr(transform, "transforms", []))
+    names = [type(t).__name__ for t in steps]
+    kept = [(n, t) for n, t in zip(names, steps) if n not in ("MaybeConvertMode", "_convert_to_rgb", "function")]
+    if [n for n, _ in kept] != ["Resize", "CenterCrop", "ToTensor", "Normalize"] and [n for n, _ in kept] != [
+        "Resize", "CenterCrop", "MaybeToTensor", "Normalize"
+    ]:
+        return None
+    resize, crop, _, norm = (t for _, t in kept)
+    size = resize.size[0] if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1 else resize.size
+    interp = getattr(resize.interpolation, "value", str(resize.interpolation))
+    crop_size = crop.size if isinstance(crop.size, int) else crop.size[0]
+    if not isinstance(size, int) or resize.max_size is not None or interp not in _RESAMPLE:
+        return None
+    if not isinstance(crop.size, int) and crop.size[0] != crop.size[1]:
+        return None
+    return Preprocess(size, crop_size, interp, list(map(float, norm.mean)), list(map(float, norm.std)))
+
+
+def _transform_of(base: Encoder):
+    """The torchvision transform behind `base.preprocess` (open_clip's, or a trained encoder's
+    image tower's)."""
+    tower = getattr(base, "image_tower", None)
+    return getattr(base, "_preprocess", None) or getattr(tower, "_transform", None)
+
+
+def export_image_tower(base: Encoder, out: Path) -> bool:
+    """Write image.onnx and meta.json (last) for `base` into the empty folder `out`."""
+    pre = preprocess_of(_transform_of(base))
+    if pre is None or not hasattr(base, "image_module"):
+        return False
+    import torch
+
+    from .onnx import _export
+
+    module = base.image_module().cpu().eval()
+    try:
+        example = torch.zeros(2, 3, base.image_size, base.image_size)
+        _export(module, example, out / "image.onnx", "pixels", {0: ("batch", 1, 4096)}, trace=True)
+    finally:
+        module.to(base.device)
+    meta = {
+        "fingerprint": base.fingerprint,
+        "spec": base.spec,
+        "dim": base.dim,
+        "image_size": base.image_size,
+        "logit_scale": base.logit_scale,
+        "text_batch_size": base.text_batch_size,
+        "int8_op_types": list(getattr(base, "int8_op_types", None) or []) or None,
+        "preprocess": pre.params(),
+    }
+    (out / "meta.json").write_text(json.dumps(meta))
+    return True
+
+
+def load(fingerprint: str | None, load_base: Callable[[], Encoder]) -> Encoder:
+    """The encoder a CPU run should index with: ONNX Runtime when its export is cached (the torch
+    model is then built only if needed), else the torch model, exported now for this and later
+    runs when the architecture runs faster on ONNX Runtime."""
+    folder = export_cache.lookup(KIND, fingerprint) if fingerprint else None
+    if folder is not None:
+        return OnnxImageEncoder(folder, load_base)
+    base = load_base()
+    if fingerprint and fingerprint != base.fingerprint:
+        LOG.debug("fingerprint hint %s differs from %s", fingerprint, base.fingerprint)
+    if base.spec in SLOWER_ON_ONNX or export_cache.unsupported(KIND, base.fingerprint):
+        return base
+    try:
+        folder = export_cache.build(KIND, base.fingerprint, lambda tmp: export_image_tower(base, tmp))
+    except Exception as e:  # any export trouble only costs speed
+        LOG.warning("image tower stays on torch (ONNX export failed: %s)", e)
+        return base
+    return base if folder is None else OnnxImageEncoder(folder, lambda: base, base)
+
+
+class OnnxImageEncoder(Encoder):
+    """A model's image tower on ONNX Runtime; texts through the cached ONNX text tower when
+    there is one, else through the torch model (built on first need)."""
+
+    def __init__(self, folder: Path, load_base: Callable[[], Encoder], base: Encoder | None = None):
+        from .onnx import _session
+
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+        self.spec: str = meta["spec"]
+        self._fingerprint: str = meta["fingerprint"]
+        self.dim, self.image_size = int(meta["dim"]), int(meta["image_size"])
+        self.logit_scale = float(meta["logit_scale"])
+        self.text_batch_size = int(meta["text_batch_size"])
+        self.int8_op_types = tuple(meta["int8_op_types"]) if meta.get("int8_op_types") else None
+        self.device = "cpu"
+        self._pre = Preprocess(**meta["preprocess"])
+        self.session = _session(Path(folder) / "image.onnx")
+        self._load_base, self._base = load_base, base
+        self._text = None
+        self._lock = threading.Lock()
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def torch_encoder(self) -> Encoder:
+        """The torch model behind this encoder (built on first call)."""
+        with self._lock:
+            if self._base is None:
+                self._base = self._load_base()
+            return self._base
+
+    def image_module(self):  # for `+int8`, which quantizes the torch export
+        return self.torch_encoder().image_module()
+
+    def __getattr__(self, name: str):
+        """Anything else the family's encoder has (its tokenizer, model, ...) comes from the
+        torch model, built on first such use."""
+        if name.startswith("__") or name in _OWN:  # (not set yet: no torch model for these)
+            raise AttributeError(name)
+        return getattr(self.torch_encoder(), name)
+
+    def preprocess(self, image) -> np.ndarray:
+        return self._pre(image)
+
+    @property
+    def image_transform(self) -> Preprocess:
+        return self._pre
+
+    def encode_image_tensors(self, batch) -> np.ndarray:
+        out = self.session.run(None, {"pixels": as_numpy(batch)})[0]
+        return np.ascontiguousarray(out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12), dtype=np.float32)
+
+    def _text_encoder(self):
+        if self._text is None:
+            folder = export_cache.lookup("text-onnx", self._fingerprint)
+            if folder is not None and self._base is None:
+                try:
+                    from .onnx import OnnxTextEncoder
+
+                    self._text = OnnxTextEncoder(folder)
+                except Exception as e:  # only costs speed
+                    LOG.info("texts use the torch model (%s)", e)
+            if self._text is None:
+                self._text = self.torch_encoder()
+        return self._text
+
+    def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
+        return self._text_encoder().encode_texts(texts)
