@@ -136,9 +136,12 @@ def export_text_query_model(enc: Encoder, folder: Path) -> bool:
     (see export_cache.py), so a second bundle of the same model gets it in milliseconds. An
     encoder with its own text export (`export_text_query_model(folder)`, e.g. trained dual
     encoders, see encoders/mini_onnx.py) writes the same layout its own way."""
-    base = getattr(enc, "torch_encoder", lambda: enc)()  # (an ONNX image encoder's torch model)
-    own = getattr(base, "export_text_query_model", None)
-    make = (lambda tmp: bool(own(tmp))) if own is not None else (lambda tmp: _export_text_tower(base, tmp))
+
+    def make(tmp: Path) -> bool:  # only on a cache miss: it may build the torch model
+        base = getattr(enc, "torch_encoder", lambda: enc)()  # (an ONNX image encoder's torch model)
+        own = getattr(base, "export_text_query_model", None)
+        return bool(own(tmp)) if own is not None else _export_text_tower(base, tmp)
+
     src = export_cache.build(TEXT_DIR, enc.fingerprint, make)
     if src is None:
         return False
