@@ -19,8 +19,12 @@ class Kind(str, Enum):
 
 @handle_errors
 def query_cmd(
-    text: Optional[str] = typer.Argument(None, help="Query text."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Query by this image instead of text."),
+    text: Optional[str] = typer.Argument(None, help="Query text; 'W:text' weighs it (e.g. '2:a beach')."),
+    image: Optional[List[str]] = typer.Option(
+        None, "--image", help="Query by this image (repeatable; mixes with TEXT); 'W:path' weighs it (e.g. '0.5:./x.jpg')."
+    ),
+    not_text: Optional[List[str]] = typer.Option(None, "--not", help="Subtract this text (repeatable; 'W:text' weighs it)."),
+    not_image: Optional[List[str]] = typer.Option(None, "--not-image", help="Subtract this image (repeatable; 'W:path' weighs it)."),
     k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results."),
     kind: Kind = typer.Option(Kind.image, "--kind", help="What to return: images or text items."),
     where_path: Optional[str] = typer.Option(
@@ -33,18 +37,21 @@ def query_cmd(
     index: Optional[str] = IndexOpt,
     json_out: bool = JsonOpt,
 ):
-    """Nearest images (or text items with --kind text) to a text or an image."""
+    """Nearest images (or text items with --kind text) to a text, images, or a weighted mix of
+    them minus --not / --not-image terms (the normalised weighted sum of the term embeddings)."""
     from searchkit import open_index
     from searchkit.errors import UsageError
     from searchkit.filters import Filter
+    from searchkit.terms import Query
 
-    if (text is None) == (image is None):
-        raise UsageError("give either query TEXT or --image PATH (exactly one)")
+    if text is None and not image:
+        raise UsageError("give query TEXT and/or --image PATH")
+    query = Query.parse(texts=[text] if text is not None else [], images=image or [], not_texts=not_text or [], not_images=not_image or [])
     where = Filter.of(path=where_path, min_size=min_size, max_size=max_size, after=after, before=before)
     if where is not None:
         where.sql()  # refuse a bad size or date before loading anything
     with open_index(index) as idx:
-        results = idx.search(text if text is not None else Path(image), k=k, kind=kind.value, where=where)
+        results = idx.search(query, k=k, kind=kind.value, where=where)
     if json_out:
         for r in results:
             print_json(r.to_dict())

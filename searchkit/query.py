@@ -67,10 +67,15 @@ class Searcher:
         return self.text
 
     def embed(self, query) -> np.ndarray:
+        """The (1, dim) vector of a text, an image, an embedding, or a combined `Query`
+        (or list of (weight, term) pairs; see terms.py)."""
         from PIL import Image
 
         from .images import to_rgb
+        from .terms import Query
 
+        if isinstance(query, Query) or (isinstance(query, list) and query and all(isinstance(p, tuple) for p in query)):
+            return Query.of(query).embed(self.embed_texts, self.embed)
         if isinstance(query, str):
             if not query.strip():
                 raise UsageError("empty query text")
@@ -84,6 +89,9 @@ class Searcher:
         else:
             raise UsageError(f"query must be text, an image path (pathlib.Path) or a PIL image, not {type(query).__name__}")
         return self.encoder().encode_images([img])
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.text_encoder().encode_texts(texts)
 
     def search(self, query, k: int = 10, kind: str = "image", *, where=None) -> list[SearchResult]:
         """See `Index.search`."""
@@ -102,7 +110,10 @@ class Searcher:
             allowed = self.store.matching_ids(kind, *flt.sql())
             if len(allowed) == 0:
                 return []
-        scores, ids = vec.search(self.embed(query), k, allowed=allowed)
+        q = self.embed(query)
+        if q.shape[-1] != vec.dim:
+            raise UsageError(f"the query embedding has {q.shape[-1]} dimensions; this index holds {vec.dim}")
+        scores, ids = vec.search(q, k, allowed=allowed)
         rows = self.store.item_rows(i for i in ids[0] if i >= 0)
         out = []
         for score, i in zip(scores[0], ids[0]):

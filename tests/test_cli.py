@@ -100,7 +100,7 @@ def test_index_option_name_vs_path(tmp_path):
         (["index", ".", "--model", "nonsense-model"], 1, "unknown model spec"),
         (["index", ".", "--model", "open_clip:ViT-B-32@nope"], 1, "unknown pretrained tag"),
         (["index", ".", "--model", "open_clip:ViT-B-32@laion2b_s34b_b79k"], 1, "cannot be reached"),
-        (["query"], 2, "exactly one"),
+        (["query"], 2, "give query TEXT"),
     ],
 )
 def test_errors_are_one_line(tmp_path, args, code, message):
