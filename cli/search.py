@@ -34,6 +34,18 @@ def query_cmd(
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Only files of at most this size."),
     after: Optional[str] = typer.Option(None, "--after", help="Only files modified at or after DATE (ISO, e.g. 2024-05-01, local time)."),
     before: Optional[str] = typer.Option(None, "--before", help="Only files modified before DATE."),
+    taken_after: Optional[str] = typer.Option(
+        None, "--taken-after", help="Only photos taken at or after DATE (EXIF date; a file without one: its modification time)."
+    ),
+    taken_before: Optional[str] = typer.Option(
+        None, "--taken-before", help="Only photos taken before DATE (EXIF date; a file without one: its modification time)."
+    ),
+    camera: Optional[str] = typer.Option(None, "--camera", help="Only photos whose EXIF camera make/model contains TEXT (any case)."),
+    near: Optional[str] = typer.Option(None, "--near", help="Only photos whose EXIF GPS position is within KM of LAT,LON (e.g. 48.8584,2.2945,5)."),
+    min_confidence: Optional[float] = typer.Option(
+        None, "--min-confidence", min=0.0, max=1.0,
+        help="Drop results whose calibrated confidence (probability of being the true match) is below P; none left: 'no good match'.",
+    ),
     index: Optional[str] = IndexOpt,
     json_out: bool = JsonOpt,
 ):
@@ -47,19 +59,25 @@ def query_cmd(
     if text is None and not image:
         raise UsageError("give query TEXT and/or --image PATH")
     query = Query.parse(texts=[text] if text is not None else [], images=image or [], not_texts=not_text or [], not_images=not_image or [])
-    where = Filter.of(path=where_path, min_size=min_size, max_size=max_size, after=after, before=before)
+    where = Filter.of(
+        path=where_path, min_size=min_size, max_size=max_size, after=after, before=before,
+        taken_after=taken_after, taken_before=taken_before, camera=camera, near=near,
+    )
     if where is not None:
         where.sql()  # refuse a bad size or date before loading anything
     with open_index(index) as idx:
-        results = idx.search(query, k=k, kind=kind.value, where=where)
+        results = idx.search(query, k=k, kind=kind.value, where=where, min_confidence=min_confidence)
     if json_out:
         for r in results:
             print_json(r.to_dict())
         return
+    if not results and min_confidence is not None:
+        print(f"no good match (no result reaches confidence {min_confidence:g})")
+        return
     if kind is Kind.text:
-        table("", ["rank", "score", "text", "source"], [[r.rank, f"{r.score:.4f}", r.text, r.source] for r in results])
+        table("", ["rank", "score", "confidence", "text", "source"], [[r.rank, f"{r.score:.4f}", f"{r.confidence:.3f}", r.text, r.source] for r in results])
     else:
-        table("", ["rank", "score", "path"], [[r.rank, f"{r.score:.4f}", rel_path(r.path)] for r in results])
+        table("", ["rank", "score", "confidence", "path"], [[r.rank, f"{r.score:.4f}", f"{r.confidence:.3f}", rel_path(r.path)] for r in results])
 
 
 @handle_errors

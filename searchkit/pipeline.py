@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DecodeError
-from .images import decode_image, read_bytes
+from .images import decode_photo, header_meta, is_raw_path, read_bytes
 from .results import AddSummary
 from .sources import discover, parse_corpus, resolve_roots
 
@@ -51,6 +51,7 @@ class Decoded:
     hash: str | None = None
     tensor: Any = None
     reason: str | None = None
+    meta: Any = None  # photos.PhotoMeta: what the file's EXIF says
 
 
 @dataclass
@@ -100,6 +101,7 @@ class _Run:
         store, summary = self.store, self.summary
         known = store.all_files()
         counts = store.item_counts_by_file()
+        no_meta = store.files_without_photo_meta()
         jobs: list[Job] = []
         new: list[Job] = []
         for path, kind in found.items():
@@ -110,6 +112,9 @@ class _Run:
                 size, mtime = -1, -1  # reading it will fail and say why
             row = known.get(path)
             if row and row["kind"] == kind and row["complete"] and row["size"] == size and row["mtime_ns"] == mtime:
+                if row["id"] in no_meta:  # indexed before EXIF facts were recorded: read them once
+                    jobs.append(Job(path, kind, size, mtime, row, known_hash=row["hash"]))
+                    continue
                 summary.unchanged += counts.get(row["id"], 0)
                 continue
             job = Job(path, kind, size, mtime, row)
@@ -170,16 +175,18 @@ class _Run:
         if not jobs:
             return
         enc = self.idx.encoder
+        no_meta = self.store.files_without_photo_meta()
 
         def decode(job: Job) -> Decoded:
             try:
                 data = read_bytes(job.path)
                 h = job.known_hash or content_hash(data)
                 if job.row and job.row["hash"] == h:
-                    return Decoded(job, "same", h)
-                img = decode_image(data, draft_size=enc.image_size)
+                    meta = header_meta(data) if job.row["id"] in no_meta else None
+                    return Decoded(job, "same", h, meta=meta)
+                img, meta = decode_photo(data, draft_size=enc.image_size, raw=is_raw_path(job.path))
                 del data
-                return Decoded(job, "ok", h, enc.preprocess(img))
+                return Decoded(job, "ok", h, enc.preprocess(img), meta=meta)
             except DecodeError as e:
                 return Decoded(job, "fail", reason=str(e))
             except Exception as e:  # a transform that chokes on a strange image
@@ -220,6 +227,8 @@ class _Run:
                     removed += store.delete_items_of(job.row["id"])
                 fid = store.upsert_file(job.path, "image", job.size, job.mtime_ns, d.hash, True)
                 added_ids.append(store.insert_item(fid, "image", vecs[i]))
+                if d.meta is not None:
+                    store.set_photo_meta(fid, d.meta)
                 store.clear_failures(job.path)
                 if job.row:
                     summary.updated += 1
@@ -228,7 +237,9 @@ class _Run:
             for d in pending:
                 job = d.job
                 if d.status == "same":
-                    store.upsert_file(job.path, "image", job.size, job.mtime_ns, d.hash, True)
+                    fid = store.upsert_file(job.path, "image", job.size, job.mtime_ns, d.hash, True)
+                    if d.meta is not None:
+                        store.set_photo_meta(fid, d.meta)
                     store.clear_failures(job.path)
                     summary.unchanged += 1
                 elif d.status == "fail":

@@ -47,6 +47,7 @@ class Searcher:
         self.encoder = encoder
         self.loaded = loaded
         self.text: Any = None  # the text encoder of queries, once chosen
+        self._samples: dict[tuple[str, int], np.ndarray] = {}
 
     def text_encoder(self):
         """The bundle's torch-free text tower (text-onnx/) when it matches, else the encoder."""
@@ -93,12 +94,30 @@ class Searcher:
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self.text_encoder().encode_texts(texts)
 
-    def search(self, query, k: int = 10, kind: str = "image", *, where=None) -> list[SearchResult]:
+    def bulk_sample(self, kind: str) -> np.ndarray:
+        """A fixed random sample of the kind's stored vectors (the bulk a hit is measured
+        against), drawn once per generation of meta.db."""
+        from .confidence import SAMPLE_SIZE
+
+        key = (kind, self.store.generation)
+        if key not in self._samples:
+            ids = self.store.item_ids(kind)
+            rng = np.random.default_rng(0)
+            pick = np.sort(rng.choice(len(ids), min(SAMPLE_SIZE, len(ids)), replace=False))
+            dim = int(self.store.get_meta("dim") or 0)
+            self._samples = {k: v for k, v in self._samples.items() if k[1] == key[1]}
+            self._samples[key] = self.store.vectors_by_ids(ids[pick], dim, missing_ok=True)
+        return self._samples[key]
+
+    def search(self, query, k: int = 10, kind: str = "image", *, where=None, min_confidence: float | None = None) -> list[SearchResult]:
         """See `Index.search`."""
+        from .confidence import bulk_stats, confidences, load_calibration
         from .filters import Filter
 
         if k < 1:
             raise UsageError("k must be at least 1")
+        if min_confidence is not None and not (0.0 <= float(min_confidence) <= 1.0):
+            raise UsageError(f"min_confidence must be between 0 and 1, not {min_confidence}")
         flt = Filter.of(where)
         vec = self.vectors(kind)
         if len(vec) == 0:
@@ -114,14 +133,17 @@ class Searcher:
         if q.shape[-1] != vec.dim:
             raise UsageError(f"the query embedding has {q.shape[-1]} dimensions; this index holds {vec.dim}")
         scores, ids = vec.search(q, k, allowed=allowed)
+        mu, sigma = bulk_stats(q, self.bulk_sample(kind))
+        conf = confidences(scores[0], mu, sigma, load_calibration(self.store.get_meta("encoder_spec")))
         rows = self.store.item_rows(i for i in ids[0] if i >= 0)
+        photos = self.store.photo_meta_of(rows) if kind == "image" else {}
         out = []
-        for score, i in zip(scores[0], ids[0]):
+        for score, c, i in zip(scores[0], conf, ids[0]):
             row = rows.get(int(i))
-            if row is None:
+            if row is None or (min_confidence is not None and c < min_confidence):
                 continue
             out.append(
-                SearchResult(len(out) + 1, float(score), row["kind"], row["id"], row["path"], row["text"], row["locator"])
+                SearchResult(len(out) + 1, float(score), row["kind"], row["id"], row["path"], row["text"], row["locator"], float(c), photos.get(int(i)))
             )
         return out
 
