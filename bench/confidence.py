@@ -10,9 +10,11 @@ and everything reported is measured on the evaluation part's captions:
   - expected calibration error (10 bins) of the top-1 confidence for "top-1 is the own image",
     and a reliability diagram (PNG).
 
-    nice -n 10 .venv/bin/python bench/confidence.py [--plot reliability.png] [--write]
+    nice -n 10 .venv/bin/python bench/confidence.py [--plot reliability.png] [--write] [--keep DIR]
 
---write stores the fit as searchkit/weights/calibration/<model>.json. Prints one JSON object.
+--write stores the fit as searchkit/weights/calibration/<model>.json. --keep keeps the bundle and
+the caption embeddings in DIR and reuses them on the next run (same model and seed). Prints one
+JSON object.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000, help="dev images used (half indexed)")
     ap.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG")
     ap.add_argument("--write", action="store_true", help="write the fit into the package")
+    ap.add_argument("--keep", type=Path, default=None, help="keep (and reuse) the bundle and caption embeddings here")
     args = ap.parse_args()
     data = require_data(FLICKR)
     import numpy as np
@@ -56,13 +59,20 @@ def main() -> None:
     captions = read_captions(data)
     queries = [(img, c) for img in names for c in captions[img]]
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "dev-half"
+        root = args.keep or Path(tmp)
+        bundle = root / f"dev-half-{args.model}-{args.seed}-{args.images}"
         with open_index(bundle, create=True, model=args.model) as idx:
             idx.add([data / "images" / n for n in inside])
         t_index = time.perf_counter() - t0
         print(f"indexed {len(inside)} images in {t_index:.0f} s", file=sys.stderr)
         idx = open_index(bundle)
-        q = idx.encoder.encode_texts([c for _, c in queries])
+        cached = root / f"{bundle.name}.captions.npy"
+        if cached.exists():
+            q = np.load(cached)
+        else:
+            q = idx.encoder.encode_texts([c for _, c in queries])
+            np.save(cached, q)
+        print(f"captions embedded at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         sample = idx._searcher.bulk_sample("image")
         feats = {"fit": ([], []), "eval": []}
         for (img, _), v in zip(queries, q):
