@@ -101,7 +101,7 @@ def main() -> None:
         print(f"indexed {len(family_of)} files in {t_index:.0f} s", file=sys.stderr)
         with open_index(bundle) as idx:
             t1 = time.perf_counter()
-            groups = idx.dupes(threshold=0.75, min_pixel_similarity=-1.0)
+            groups = idx.dupes(threshold=0.5, min_pixel_similarity=-1.0)
             t_dupes = time.perf_counter() - t1
             t1 = time.perf_counter()
             default_groups = idx.dupes()
@@ -114,8 +114,8 @@ def main() -> None:
         return {"precision": round(hit / len(pred), 4) if pred else 1.0, "recall": round(hit / len(truth), 4), "pairs": len(pred)}
 
     grid = {}
-    for t in (0.80, 0.85, 0.88, 0.90, 0.92, 0.94):
-        for px in (-1.0, 0.80, 0.85, 0.90, 0.95):
+    for t in (0.50, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90):
+        for px in (-1.0, 0.70, 0.75, 0.80, 0.85, 0.90):
             pred = group_pairs([(a, b) for a, b, s, p, ident in candidates if s >= t and (ident or p >= px)])
             grid[f"t={t:.2f} pixels>={px:.2f}" if px > -1 else f"t={t:.2f} no pixel check"] = score(pred)
     default_pred = {frozenset((a, b)) for g in default_groups for a, b in itertools.combinations(g.paths, 2)}
@@ -137,7 +137,7 @@ def main() -> None:
         "false_pairs": len(wrong),
         "distinct_flickr_photos_grouped": [[name_of.get(x, Path(x).name) for x in p] for p in cross_originals[:20]],
         "grid": grid,
-        "seconds": {"index": round(t_index, 1), "dupes_candidates_0.75": round(t_dupes, 2), "dupes_default": round(t_default, 2)},
+        "seconds": {"index": round(t_index, 1), "dupes_candidates_0.5": round(t_dupes, 2), "dupes_default": round(t_default, 2)},
     }
     print(json.dumps(out, indent=1))
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from searchkit import open_index
 from searchkit.cli.main import app
-from searchkit.dupes import candidate_pairs, pixel_similarity, thumbnail
+from searchkit.dupes import DEFAULT_PIXEL_SIMILARITY, DEFAULT_THRESHOLD, candidate_pairs, pixel_similarity, thumbnail
 from tests import fakes
 
 
@@ -62,7 +62,7 @@ def test_groups_variants_and_keeps_other_photos_apart(tmp_path):
     a = groups[0]
     copy = next(p for p in a.pairs if {p.a, p.b} == {str(family_a[0]), str(family_a[-1])})
     assert copy.identical and copy.pixels is None and copy.score == pytest.approx(1.0, abs=1e-5)
-    assert all(p.score >= 0.90 and (p.identical or p.pixels >= 0.90) for g in groups for p in g.pairs)
+    assert all(p.score >= DEFAULT_THRESHOLD and (p.identical or p.pixels >= DEFAULT_PIXEL_SIMILARITY) for g in groups for p in g.pairs)
 
 
 def test_a_burst_shot_passes_the_embedding_but_not_the_pixels(tmp_path):
@@ -79,7 +79,7 @@ def test_a_burst_shot_passes_the_embedding_but_not_the_pixels(tmp_path):
         idx.add([tmp_path / "shot1.jpg", tmp_path / "shot2.jpg"])
         assert idx.dupes(threshold=min(cos, 0.99) - 0.01) == []  # a candidate, refused by the pixels
         assert len(idx.dupes(threshold=min(cos, 0.99) - 0.01, min_pixel_similarity=pixels - 0.01)) == 1
-    assert pixels < 0.90
+    assert pixels < DEFAULT_PIXEL_SIMILARITY
 
 
 def test_candidate_pairs_is_the_range_search():
