@@ -3,8 +3,8 @@
 A random half of the 1,000 dev images is indexed (real `index` pipeline, `--model`, default
 mini); the other half is held out. Every dev caption is a query: its own image is in the index
 (a good match exists) or not (none does). The images of each half are split again into a fit
-part and an evaluation part; the calibration (logistic map of z, see searchkit/confidence.py) is
-fitted on the fit part's captions, each top-10 result labelled "is the caption's own image",
+part and an evaluation part; the calibration (logistic map of --feature, see searchkit/confidence.py) is
+fitted on the fit part's captions, their top result labelled "is the caption's own image",
 and everything reported is measured on the evaluation part's captions:
   - AUROC of the top-1 confidence, and of the raw top-1 cosine, for "own image is in the index";
   - expected calibration error (10 bins) of the top-1 confidence for "top-1 is the own image",
@@ -40,14 +40,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=1000, help="dev images used (half indexed)")
     ap.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG")
-    ap.add_argument("--write", action="store_true", help="write the fit into the package")
+    ap.add_argument("--write", nargs="?", const="model", default=None, help="write the fit into the package (as <model>.json; '--write default': as default.json, the fallback)")
+    ap.add_argument("--feature", default="cosine", choices=["z", "z_top", "cosine"], help="the feature the map is fitted on")
     ap.add_argument("--keep", type=Path, default=None, help="keep (and reuse) the bundle and caption embeddings here")
     args = ap.parse_args()
     data = require_data(FLICKR)
     import numpy as np
 
     from searchkit import open_index
-    from searchkit.confidence import Calibration, auroc, bulk_stats, expected_calibration_error, fit_logistic, z_scores
+    from searchkit.confidence import Calibration, auroc, bulk_stats, expected_calibration_error, fit_logistic
 
     t0 = time.perf_counter()
     names = [n.strip() for n in (data / "splits" / "dev.txt").read_text().splitlines() if n.strip()][: args.images]
@@ -83,17 +84,17 @@ def main() -> None:
             mu, sigma = bulk_stats(v, sample)
             for key, val in zip(dump, (scores, own, mu, sigma, img in inside, img in fit_images)):
                 dump[key].append(val)
-            z = z_scores(scores, mu, sigma)
-            if img in fit_images:
-                feats["fit"][0].extend(z)
-                feats["fit"][1].extend(own)
+            x = Calibration(0, 0, feature=args.feature).feature_of(scores, mu, sigma, float(scores.mean()))
+            if img in fit_images:  # the top result: what "no good match" is about
+                feats["fit"][0].append(x[0])
+                feats["fit"][1].append(own[0])
             else:
-                feats["eval"].append((img in inside, scores[0], z[0], bool(own[0]), scores[0] - scores[1]))
+                feats["eval"].append((img in inside, scores[0], x[0], bool(own[0]), scores[0] - scores[1]))
         idx.close()
         if args.keep:  # every query's top-10 scores and bulk statistics, to compare features offline
             np.savez(root / f"{bundle.name}.queries.npz", **{k: np.array(v) for k, v in dump.items()})
     a, b = fit_logistic(np.array(feats["fit"][0]), np.array(feats["fit"][1]))
-    cal = Calibration(a, b)
+    cal = Calibration(a, b, feature=args.feature)
     ev = feats["eval"]
     in_index = np.array([e[0] for e in ev])
     raw1 = np.array([e[1] for e in ev])
@@ -109,7 +110,7 @@ def main() -> None:
         "indexed_images": len(inside),
         "held_out_images": len(outside),
         "eval_queries": len(ev),
-        "fit": {"a": round(a, 4), "b": round(b, 4), "rows": len(feats["fit"][0])},
+        "fit": {"feature": args.feature, "a": round(a, 4), "b": round(b, 4), "rows": len(feats["fit"][0])},
         "auroc_own_image_in_index": {
             "confidence_top1": round(auroc(conf1, in_index), 4),
             "raw_cosine_top1": round(auroc(raw1, in_index), 4),
@@ -147,10 +148,13 @@ def main() -> None:
         fig.savefig(args.plot)
         out["plot"] = str(args.plot)
     if args.write:
-        path = REPO / "searchkit" / "weights" / "calibration" / f"{args.model}.json"
+        path = REPO / "searchkit" / "weights" / "calibration" / (f"{args.model}.json" if args.write != "default" else "default.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         src = f"bench/confidence.py --model {args.model} --seed {args.seed}: Flickr8k dev, {len(inside)} images indexed"
-        path.write_text(json.dumps({"a": round(a, 5), "b": round(b, 5), "feature": "z", "source": src}, indent=1) + "\n")
+        entry = {"a": round(a, 5), "b": round(b, 5), "feature": args.feature, "source": src}
+        if args.write == "default":
+            entry["fallback"] = True
+        path.write_text(json.dumps(entry, indent=1) + "\n")
         out["written"] = str(path.relative_to(REPO))
     print(json.dumps(out, indent=1))
 

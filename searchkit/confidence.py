@@ -1,17 +1,21 @@
 """A calibrated `confidence` per result: one meaning for every query.
 
-Raw cosines are not comparable across queries: one query's best score may be another's noise.
-So each result's score is first put on the query's own scale: z = (score - mu) / sigma, where mu
-and sigma are the mean and spread of the query's scores over a fixed random sample of the
-index's vectors (how far the hit stands above the bulk). A logistic map, fitted on Flickr8k dev
-by `bench/confidence.py`, turns z into the probability that the result is the query's true match:
-confidence = 1 / (1 + exp(-(a * z + b))).
+A logistic map of one feature of the result's score, fitted on Flickr8k dev by
+`bench/confidence.py` (label: the top result is the caption's own image), gives the probability
+that the result is the query's true match: confidence = 1 / (1 + exp(-(a * x + b))). Features:
+  z       (score - mu) / sigma, mu and sigma the mean and spread of the query's scores over a
+          fixed random sample of the index's vectors: how far the hit stands above the bulk,
+          the same scale for every query and every encoder
+  z_top   (score - mean of the query's 10 best scores) / sigma
+  cosine  the raw score
+Which one an encoder uses is chosen by measurement (bench/confidence_features.py) and written in
+its calibration file.
 
 Calibrations ship in the package, one small JSON per encoder under `weights/calibration/`:
 `<spec>.json` (the spec with every character other than letters, digits, `.` `_` `-` made `_`),
 else `<family>.json` (the part before the first `:`), else `default.json` — for encoders never
-fitted; it holds mini's fit and is marked `"fallback": true` (z is scale-free, so it transfers
-roughly, but only a fit of that encoder is calibrated).
+fitted; it holds mini's fit of z and is marked `"fallback": true` (z is scale-free, so it
+transfers roughly, where a raw cosine does not; but only a fit of that encoder is calibrated).
 """
 
 from __future__ import annotations
@@ -30,15 +34,29 @@ CALIBRATION_DIR = Path(__file__).parent / "weights" / "calibration"
 SAMPLE_SIZE = 2048
 
 
+#: how many of the query's best (unfiltered) scores the "z_top" feature averages
+TOP = 10
+FEATURES = ("z", "z_top", "cosine")
+
+
 @dataclass(frozen=True)
 class Calibration:
     a: float
     b: float
     source: str = ""
     fallback: bool = False
+    #: "z": (score - mu) / sigma; "z_top": (score - mean of the query's top 10) / sigma;
+    #: "cosine": the score itself
+    feature: str = "z"
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(z, dtype=np.float64) + self.b)))
+
+    def feature_of(self, scores: np.ndarray, mu: float, sigma: float, top_mean: float | None = None) -> np.ndarray:
+        if self.feature == "cosine":
+            return np.asarray(scores, dtype=np.float64)
+        centre = top_mean if self.feature == "z_top" else mu
+        return z_scores(scores, centre, sigma)
 
 
 def _file_name(spec: str) -> str:
@@ -55,7 +73,11 @@ def load_calibration(spec: str | None) -> Calibration:
         path = CALIBRATION_DIR / name
         if path.is_file():
             d = json.loads(path.read_text())
-            return Calibration(float(d["a"]), float(d["b"]), d.get("source", name), bool(d.get("fallback", False)) or name == "default.json")
+            feature = d.get("feature", "z")
+            if feature not in FEATURES:
+                raise ValueError(f"{path}: unknown confidence feature {feature!r}")
+            fallback = bool(d.get("fallback", False)) or name == "default.json"
+            return Calibration(float(d["a"]), float(d["b"]), d.get("source", name), fallback, feature)
     return Calibration(1.0, -3.0, "built-in", True)
 
 
@@ -72,8 +94,8 @@ def z_scores(scores: np.ndarray, mu: float, sigma: float) -> np.ndarray:
     return (np.asarray(scores, dtype=np.float64) - mu) / sigma
 
 
-def confidences(scores: np.ndarray, mu: float, sigma: float, cal: Calibration) -> np.ndarray:
-    out = cal(z_scores(scores, mu, sigma))
+def confidences(scores: np.ndarray, mu: float, sigma: float, cal: Calibration, top_mean: float | None = None) -> np.ndarray:
+    out = cal(cal.feature_of(scores, mu, sigma, top_mean))
     return np.where(np.isfinite(out), out, 0.0)
 
 

@@ -29,10 +29,10 @@ from .errors import DecodeError, EmptyIndexError, UsageError
 LOG = logging.getLogger(__name__)
 
 #: embedding cosine a pair must reach to be a candidate. bench/dupes.py with mini: re-encoding
-#: (JPEG q30) and halving move an embedding more than one would think (many such pairs fall below
-#: 0.90), while the pixel check alone keeps distinct photos apart (pair precision 1.0 at every
-#: threshold measured), so the cut is low and the pixel check decides
-DEFAULT_THRESHOLD = 0.80
+#: (JPEG q30) and halving move an embedding more than one would think (a third of those pairs fall
+#: below 0.80), while the pixel check at 0.80 keeps distinct photos apart (pair precision 1.0 at
+#: every cut from 0.50 up), so the cut is low and the pixel check decides
+DEFAULT_THRESHOLD = 0.65
 #: thumbnail correlation a candidate pair must reach (bench/dupes.py)
 DEFAULT_PIXEL_SIMILARITY = 0.80
 THUMB = 16

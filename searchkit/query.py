@@ -111,7 +111,7 @@ class Searcher:
 
     def search(self, query, k: int = 10, kind: str = "image", *, where=None, min_confidence: float | None = None) -> list[SearchResult]:
         """See `Index.search`."""
-        from .confidence import bulk_stats, confidences, load_calibration
+        from .confidence import TOP, bulk_stats, confidences, load_calibration
         from .filters import Filter
 
         if k < 1:
@@ -134,7 +134,13 @@ class Searcher:
             raise UsageError(f"the query embedding has {q.shape[-1]} dimensions; this index holds {vec.dim}")
         scores, ids = vec.search(q, k, allowed=allowed)
         mu, sigma = bulk_stats(q, self.bulk_sample(kind))
-        conf = confidences(scores[0], mu, sigma, load_calibration(self.store.get_meta("encoder_spec")))
+        cal = load_calibration(self.store.get_meta("encoder_spec"))
+        top_mean = None
+        if cal.feature == "z_top":  # the query's own best scores over the whole index, filter or not
+            top = scores[0] if allowed is None and k >= TOP else vec.search(q, TOP)[0][0]
+            top = top[:TOP][np.isfinite(top[:TOP]) & (top[:TOP] > -1e30)]
+            top_mean = float(top.mean()) if len(top) else mu
+        conf = confidences(scores[0], mu, sigma, cal, top_mean)
         rows = self.store.item_rows(i for i in ids[0] if i >= 0)
         photos = self.store.photo_meta_of(rows) if kind == "image" else {}
         out = []

@@ -96,3 +96,30 @@ def test_measures():
     assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(-1.0, abs=0.1)
     ece, bins = expected_calibration_error(np.array([0.9, 0.9, 0.1, 0.1]), np.array([1, 0, 0, 0]))
     assert ece == pytest.approx(0.5 * 0.4 + 0.5 * 0.1) and len(bins) == 2
+
+
+@pytest.mark.parametrize("feature", ["cosine", "z_top", "z"])
+def test_each_feature_of_a_calibration_file(shades, tmp_path, monkeypatch, feature):
+    from searchkit import confidence
+
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    (folder / "fake.json").write_text(json.dumps({"a": 3.0, "b": -1.0, "feature": feature}))
+    monkeypatch.setattr(confidence, "CALIBRATION_DIR", folder)
+    confidence.load_calibration.cache_clear()
+    try:
+        cal = load_calibration(fakes.SPEC)  # found by family: fake.json
+        assert (cal.feature, cal.a, cal.fallback) == (feature, 3.0, False)
+        with open_index("s") as idx:
+            _, vecs = next(idx.store.iter_vectors("image", fakes.DIM))
+            res = idx.search("red", k=3, where={"path": str(shades)})  # a filter: top 10 searched apart
+        all_scores = np.sort(vecs @ fakes.text_vector("red"))[::-1]
+        mu, sigma = all_scores.mean(), all_scores.std()
+        x = {"cosine": res[0].score, "z": (res[0].score - mu) / sigma, "z_top": (res[0].score - all_scores[:10].mean()) / sigma}[feature]
+        assert res[0].confidence == pytest.approx(1 / (1 + np.exp(-(3.0 * x - 1.0))), abs=1e-5)
+        (folder / "fake.json").write_text(json.dumps({"a": 1, "b": 0, "feature": "nope"}))
+        confidence.load_calibration.cache_clear()
+        with pytest.raises(ValueError, match="unknown confidence feature"):
+            load_calibration(fakes.SPEC)
+    finally:
+        confidence.load_calibration.cache_clear()
