@@ -10,7 +10,7 @@ PHOTOS := build/sample-photos
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,demo]'
+	$(BIN)/pip install -q -e '.[test,demo,ray]'
 	touch $@
 
 install: $(BIN)/.installed

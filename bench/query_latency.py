@@ -88,7 +88,7 @@ def main() -> None:
             idx.search(q, k=10)
             total.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            e = idx._searcher.text_encoder().encode_texts([q])
+            e = idx.text_encoder().encode_texts([q])
             t1 = time.perf_counter()
             _, ids = vec.search(e, 10)
             t2 = time.perf_counter()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
+import logging
 from typing import List, Optional
 
 import typer
 
 from .options import IndexOpt, JsonOpt
 from .output import EXIT_PARTIAL, handle_errors, print_json, progress_bar, rel_path, stderr, table
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 class VectorKind(str, Enum):
@@ -31,7 +36,7 @@ MaxMemoryOpt = typer.Option(
 
 @handle_errors
 def index_cmd(
-    paths: List[Path] = typer.Argument(..., help="Image folders (recursive), image files, or text corpora (.txt .csv .tsv .jsonl)."),
+    paths: List[str] = typer.Argument(..., help="Image folders (recursive), image files, or text corpora (.txt .csv .tsv .jsonl); local paths or object-store URLs (s3://, gs://, file://)."),
     index: Optional[str] = IndexOpt,
     model: str = typer.Option("auto", "--model", "-m", help="Model spec: auto, mini, open_clip:ARCH@TAG, or a checkpoint folder."),
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of .csv/.tsv/.jsonl corpora. [default: text, else caption]"),
@@ -39,6 +44,11 @@ def index_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image decode threads. [default: CPU count, 2..8]"),
     vector_index: Optional[VectorKind] = VectorIndexOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    engine: Engine = typer.Option(Engine.local, "--engine", help="Where decoding and encoding run: local (this process) or ray (a Ray cluster; needs searchkit[ray])."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster: auto, or HOST:PORT of its head. [default: $RAY_ADDRESS, else a Ray instance on this machine]"),
+    encoders: Optional[int] = typer.Option(None, "--encoders", min=1, help="Ray: encoder actors, each loading the model once. [default: GPUs / --gpus-per-encoder, else CPUs / 4]"),
+    gpus_per_encoder: float = typer.Option(0, "--gpus-per-encoder", min=0, help="Ray: GPUs per encoder actor (0: encode on CPU)."),
+    cpus_per_decoder: float = typer.Option(1, "--cpus-per-decoder", min=0.01, help="Ray: CPUs per read/decode/preprocess task."),
     json_out: bool = JsonOpt,
 ):
     """Add image folders, images and text corpora to an index, incrementally."""
@@ -47,12 +57,20 @@ def index_cmd(
     from searchkit.sources import resolve_roots
 
     resolve_roots(paths)  # refuse bad paths before creating anything
+    run_on: object = "local"
+    if engine is Engine.ray:
+        from searchkit.pipeline_ray import RayEngine
+
+        run_on = RayEngine(address=ray_address, encoders=encoders, gpus_per_encoder=gpus_per_encoder, cpus_per_decoder=cpus_per_decoder)
+        run_on.check_installed()  # the missing extra, before a model loads
+        for name in ("ray", "ray.data"):  # Ray's start-up and per-dataset notices; errors still show
+            logging.getLogger(name).setLevel(logging.ERROR)
     if max_memory is not None:
         parse_size(max_memory, what="memory budget")
     with open_index(index, create=True, model=model) as idx, progress_bar(not json_out) as bar:
         if vector_index is not None or max_memory is not None:
             idx.configure_vectors(vector_index.value if vector_index else None, max_memory)
-        summary = idx.add(paths, text_column=text_column, batch_size=batch_size, workers=workers, progress=bar)
+        summary = idx.add(paths, text_column=text_column, batch_size=batch_size, workers=workers, progress=bar, engine=run_on)
     if json_out:
         print_json(summary.to_dict())
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bundle, dupes, fusion, search, train_eval
+from . import bundle, dupes, fusion, search, serve, train_eval
 
 app = typer.Typer(
     help="Cross-modal search: index photos and text, query by text or image, classify zero-shot.",
@@ -22,6 +22,7 @@ app.command("info")(bundle.info_cmd)
 app.command("reindex")(bundle.reindex_cmd)
 train_eval.register(app)
 fusion.register(app)
+serve.register(app)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -25,18 +26,23 @@ def stderr(msg: str) -> None:
 
 
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    # a path that is not UTF-8 holds surrogate escapes: written as JSON \udcNN escapes, which
+    # keep the output valid UTF-8 and give Python's json.loads the exact os.fsdecode path back
+    text = json.dumps(obj, ensure_ascii=False)
+    sys.stdout.write(re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from searchkit.fsutil import display_path
+
     t = Table(title=title, title_justify="left", show_lines=False)
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        t.add_row(*[display_path(str(x)) for x in r])
     Console().print(t)
 
 
@@ -50,6 +56,10 @@ def rel_path(path: str) -> str:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    from searchkit.fsutil import show_undecodable
+
+    show_undecodable(sys.stdout)  # file names that are not UTF-8 print as \xNN
+    show_undecodable(sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("searchkit")

@@ -142,6 +142,9 @@ class Bundle:
                 f"index '{self.name}' is being written by another searchkit process; wait for it to finish"
             ) from e
         self._lock_fd = fd
+        from .recovery import remove_leftovers
+
+        remove_leftovers(self.path)  # what a killed writer left
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

@@ -58,6 +58,12 @@ class BudgetError(UsageError):
         self.min_bytes = min_bytes
 
 
+class StorageError(SearchkitError):
+    """The bundle cannot be written: no space left, over a file-size limit (`ulimit -f`), a
+    read-only filesystem or an I/O error. What was committed before it stays; a re-run with
+    space completes."""
+
+
 class InputError(SearchkitError):
     """A query input (image, path) that cannot be read or decoded."""
 

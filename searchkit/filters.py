@@ -17,7 +17,9 @@ Path semantics (`path=`):
 Sizes are bytes or a number with a unit (`500K`, `2.5M`, `1G`; powers of 1024). Dates are
 ISO dates or datetimes (`2024-05-01`, `2024-05-01T13:30`; naive ones in local time), a
 `datetime`/`date`, or a POSIX timestamp; `after` is inclusive, `before` exclusive, both on the
-file's modification time.
+file's modification time. Values beyond what the index can hold are clamped, as they select
+the same files: a date before 1678 or after 2261 (the range of 64-bit nanosecond times) or a
+size over 8 EiB; a value that is not a number or a date is refused with a UsageError.
 
 Photo facts (from EXIF, recorded per file at indexing, see photos.py):
   - `taken_after` (inclusive) / `taken_before` (exclusive): the date the photo was taken; a file
@@ -34,16 +36,24 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, fields
-from datetime import date, datetime, time as dtime
+from datetime import date, datetime, time as dtime, timedelta, timezone
 from typing import Any, Union
 
 from .errors import UsageError
+from .store import to_db
 
 DateLike = Union[str, float, int, date, datetime]
 SizeLike = Union[str, int, float]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+INT64_MAX = 2**63 - 1  # SQLite INTEGER; also the latest nanosecond time (2262-04-11)
+INT64_MIN = -(2**63)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _clamp(n: int) -> int:
+    return max(INT64_MIN, min(INT64_MAX, n))
 
 
 def parse_size(value: SizeLike, *, what: str = "size") -> int:
@@ -51,13 +61,18 @@ def parse_size(value: SizeLike, *, what: str = "size") -> int:
     if isinstance(value, bool):
         raise UsageError(f"bad {what}: {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise UsageError(f"bad {what}: {value!r} is negative")
-        return int(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(value), re.IGNORECASE)
+        if value != value or value < 0:  # (NaN compares false with everything)
+            raise UsageError(f"bad {what}: {value!r} is negative or not a number")
+        return INT64_MAX if value > INT64_MAX else int(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(value), re.IGNORECASE | re.ASCII)
     if not m:
-        raise UsageError(f"bad {what} '{value}'; use bytes or a number with K, M, G or T (e.g. 4G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        raise UsageError(f"bad {what} {str(value)!r}; use bytes or a number with K, M, G or T (e.g. 4G)")
+    whole, _, frac = m.group(1).partition(".")
+    unit = _UNITS[m.group(2).upper()]
+    if len(whole.lstrip("0")) > 20:  # beyond 8 EiB whatever the unit; no need to multiply it out
+        return INT64_MAX
+    n = int(whole) * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)  # exact, no float
+    return min(n, INT64_MAX)
 
 
 def parse_time_ns(value: DateLike, *, what: str = "date") -> int:
@@ -65,7 +80,11 @@ def parse_time_ns(value: DateLike, *, what: str = "date") -> int:
     if isinstance(value, bool):
         raise UsageError(f"bad {what}: {value!r}")
     if isinstance(value, (int, float)):
-        return int(float(value) * 1e9)
+        if value != value:
+            raise UsageError(f"bad {what}: {value!r} is not a number")
+        if abs(value) > 10**13:  # beyond the nanosecond range either way (and inf)
+            return INT64_MAX if value > 0 else INT64_MIN
+        return _clamp(int(float(value) * 1e9))
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, date):
@@ -74,10 +93,17 @@ def parse_time_ns(value: DateLike, *, what: str = "date") -> int:
         try:
             dt = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
         except ValueError:
-            raise UsageError(f"bad {what} '{value}'; use an ISO date like 2024-05-01 or 2024-05-01T13:30") from None
+            raise UsageError(f"bad {what} {str(value)!r}; use an ISO date like 2024-05-01 or 2024-05-01T13:30") from None
     if dt.tzinfo is None:
-        dt = dt.astimezone()  # naive: local time, as file dates are usually thought of
-    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+        try:
+            dt = dt.astimezone()  # naive: local time, as file dates are usually thought of
+        except (OverflowError, ValueError, OSError):  # years 1 and 9999: no local offset known
+            dt = dt.replace(tzinfo=timezone.utc)
+    try:
+        delta = dt - _EPOCH
+    except OverflowError:  # an offset pushed it past year 1 or 9999: far outside anyway
+        return INT64_MIN if dt.year < 1970 else INT64_MAX
+    return _clamp(delta // timedelta(microseconds=1) * 1000)
 
 
 def parse_near(value) -> tuple[float, float, float]:
@@ -140,14 +166,18 @@ class Filter:
             if _GLOB_CHARS.search(pattern):
                 if not _GLOB_CHARS.match(pattern):
                     pattern = os.path.abspath(os.path.expanduser(pattern))
-                clauses.append("f.path GLOB ?")
-                params.append(pattern)
+                # (CAST: keeps SQLite from turning the GLOB into a range over the path index,
+                # which would skip the paths stored as BLOBs)
+                clauses.append("CAST(f.path AS TEXT) GLOB ?")
+                params.append(to_db(pattern))
             else:
                 prefix = os.path.abspath(os.path.expanduser(pattern)).rstrip(os.sep) or os.sep
                 below = prefix if prefix.endswith(os.sep) else prefix + os.sep
-                # substr comparison, not LIKE: paths may hold % and _
-                clauses.append("(f.path = ? OR substr(f.path, 1, ?) = ?)")
-                params += [prefix, len(below), below]
+                # substr comparison, not LIKE: paths may hold % and _; in bytes, as a path that
+                # is not UTF-8 is stored as a BLOB (see store.to_db)
+                raw = os.fsencode(below)
+                clauses.append("(f.path = ? OR substr(CAST(f.path AS BLOB), 1, ?) = ?)")
+                params += [to_db(prefix), len(raw), raw]
         lo = parse_size(self.min_size, what="minimum size") if self.min_size is not None else None
         hi = parse_size(self.max_size, what="maximum size") if self.max_size is not None else None
         if lo is not None:

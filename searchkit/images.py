@@ -10,8 +10,10 @@ never decoded at full size when the model looks at 224 pixels.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -21,6 +23,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DecodeError
 from .photos import AVIF_EXTENSIONS, HEIF_EXTENSIONS, RAW_EXTENSIONS, PhotoMeta, enable_heif, photo_meta, raw_preview
+from .remote import is_url
+from .remote import read as read_url
 
 #: file extensions indexed as images (lower case); HEIC/HEIF, AVIF and RAW: see photos.py
 IMAGE_EXTENSIONS = frozenset(
@@ -37,11 +41,16 @@ def is_raw_path(path: str | os.PathLike) -> bool:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """The file's bytes, or DecodeError naming why they cannot be had."""
+    """The file's bytes, or DecodeError naming why they cannot be had.
+
+    Only regular files are read: the file is opened with O_NONBLOCK (so a FIFO with no writer,
+    or a device, cannot block the open) and checked with fstat on the open descriptor (so a
+    swap between a check and the open cannot slip a FIFO in)."""
     p = str(path)
+    if is_url(p):
+        return read_url(p)
     try:
-        with open(p, "rb") as f:
-            data = f.read()
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError as e:
         if os.path.islink(p):
             raise DecodeError("broken symlink") from e
@@ -51,10 +60,46 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     except IsADirectoryError as e:
         raise DecodeError("is a directory") from e
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DecodeError("symlink loop") from e
+        try:  # a socket refuses open() itself (ENXIO): name what it is
+            mode = os.stat(p).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise DecodeError(f"not a regular file ({_file_type(mode)})") from e
         raise DecodeError(f"cannot read: {e.strerror or e}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise DecodeError("is a directory")
+        if not stat.S_ISREG(mode):
+            raise DecodeError(f"not a regular file ({_file_type(mode)})")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            data = f.read()
+    except IsADirectoryError as e:
+        raise DecodeError("is a directory") from e
+    except OSError as e:
+        raise DecodeError(f"cannot read: {e.strerror or e}") from e
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if not data:
         raise DecodeError("empty file (0 bytes)")
     return data
+
+
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def decode_image(data: bytes, *, draft_size: int | None = None, raw: bool = False) -> Image.Image:

@@ -23,7 +23,7 @@ from .bundle import (
 )
 from .errors import EmptyIndexError, IndexNotFoundError, ModelMismatchError, UsageError
 from .kind_vectors import BundleVectors
-from .query import Searcher, classify_images, export_text_tower, load_image_or_raise
+from .query import Searcher, classify_images, load_image_or_raise
 from .results import AddSummary, ClassifyResult, SearchResult
 from .store import Store
 
@@ -177,25 +177,40 @@ class Index:
         batch_size: int | None = None,
         workers: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        engine: Any = "local",
     ) -> AddSummary:
         """Index image files, folders of images and text corpora, incrementally.
 
         Unchanged files are skipped without decoding, changed ones re-encoded, vanished ones
         removed, moved ones keep their vectors. Unreadable inputs are recorded as failures
-        (see `failures()`) and counted in the summary; the run goes on.
+        (see `failures()`) and counted in the summary; the run goes on. `engine` runs decoding
+        and encoding in this process ("local") or on a Ray cluster ("ray", or a
+        `searchkit.pipeline_ray.RayEngine` with its options; needs `searchkit[ray]`).
         """
         from .pipeline import add_paths
 
         if not self.writable:
             raise UsageError("this index was opened read-only; use open_index(..., create=True) to add")
-        summary = add_paths(self, paths, text_column=text_column, batch_size=batch_size, workers=workers, progress=progress)
+        if engine in (None, "local"):
+            engine = None
+        else:
+            from .pipeline_ray import RayEngine
+
+            engine = RayEngine.coerce(engine)
+        summary = add_paths(self, paths, text_column=text_column, batch_size=batch_size, workers=workers, progress=progress, engine=engine)
         self._ensure_text_query_model()
         return summary
 
     def _ensure_text_query_model(self) -> None:
-        """Export the text tower for torch-free queries once the encoder is loaded (best effort)."""
-        if self._encoder is not None:
-            export_text_tower(self._encoder, self.bundle.text_onnx_dir)
+        """Export the text tower for torch-free queries when missing or stale (best effort)."""
+        from .recovery import finish_derived
+
+        finish_derived(self)
+
+    def text_encoder(self):
+        """What text queries are embedded with: the bundle's torch-free text tower when it
+        matches the encoder, else the encoder itself (loaded on first use)."""
+        return self._searcher.text_encoder()
 
     def search(self, query, k: int = 10, kind: str = "image", *, where=None, min_confidence: float | None = None) -> list[SearchResult]:
         """The k items of `kind` nearest to a text (str), an image (PIL or pathlib.Path), an

@@ -5,6 +5,7 @@ differ), finds moved files by hash, and removes vanished ones. Then images are r
 draft-decoded and preprocessed in a thread pool through a bounded ordered window, encoded in
 batches by the model, and each batch is committed to meta.db in one transaction before the
 in-memory FAISS index takes it. A kill loses at most the batch in flight; a re-run finishes.
+The ray engine (pipeline_ray.py) replaces only the decode and encode steps.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +25,10 @@ from typing import Any
 import numpy as np
 
 from .errors import DecodeError
+from .fsutil import storage_error
 from .images import decode_photo, header_meta, is_raw_path, read_bytes
+from .remote import is_url
+from .remote import stat as url_stat
 from .results import AddSummary
 from .sources import discover, parse_corpus, resolve_roots
 
@@ -52,6 +57,24 @@ class Decoded:
     tensor: Any = None
     reason: str | None = None
     meta: Any = None  # photos.PhotoMeta: what the file's EXIF says
+
+
+def decode_job(job: Job, draft_size: int, preprocess: Callable, *, backfill: bool = False) -> Decoded:
+    """Read, hash, draft-decode and preprocess one image (in a decode thread or a Ray task),
+    with what its EXIF says; `backfill`: an unchanged file whose EXIF facts were never read."""
+    try:
+        data = read_bytes(job.path)
+        h = job.known_hash or content_hash(data)
+        if job.row and job.row["hash"] == h:
+            return Decoded(job, "same", h, meta=header_meta(data) if backfill else None)
+        img, meta = decode_photo(data, draft_size=draft_size, raw=is_raw_path(job.path))
+        del data
+        return Decoded(job, "ok", h, preprocess(img), meta=meta)
+    except DecodeError as e:
+        return Decoded(job, "fail", reason=str(e))
+    except Exception as e:  # a transform that chokes on a strange image
+        LOG.debug("decode failed", exc_info=True)
+        return Decoded(job, "fail", reason=f"{type(e).__name__}: {e}")
 
 
 @dataclass
@@ -106,8 +129,11 @@ class _Run:
         new: list[Job] = []
         for path, kind in found.items():
             try:
-                st = os.stat(path)
-                size, mtime = st.st_size, st.st_mtime_ns
+                if is_url(path):
+                    size, mtime = url_stat(path)
+                else:
+                    st = os.stat(path)
+                    size, mtime = st.st_size, st.st_mtime_ns
             except OSError:
                 size, mtime = -1, -1  # reading it will fail and say why
             row = known.get(path)
@@ -178,24 +204,12 @@ class _Run:
         no_meta = self.store.files_without_photo_meta()
 
         def decode(job: Job) -> Decoded:
-            try:
-                data = read_bytes(job.path)
-                h = job.known_hash or content_hash(data)
-                if job.row and job.row["hash"] == h:
-                    meta = header_meta(data) if job.row["id"] in no_meta else None
-                    return Decoded(job, "same", h, meta=meta)
-                img, meta = decode_photo(data, draft_size=enc.image_size, raw=is_raw_path(job.path))
-                del data
-                return Decoded(job, "ok", h, enc.preprocess(img), meta=meta)
-            except DecodeError as e:
-                return Decoded(job, "fail", reason=str(e))
-            except Exception as e:  # a transform that chokes on a strange image
-                LOG.debug("decode failed", exc_info=True)
-                return Decoded(job, "fail", reason=f"{type(e).__name__}: {e}")
+            return decode_job(job, enc.image_size, enc.preprocess, backfill=job.row is not None and job.row["id"] in no_meta)
 
         pending: list[Decoded] = []
         n_ok = 0
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="searchkit-decode") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="searchkit-decode")
+        try:
             t0 = time.perf_counter()
             for d in ordered_map(pool, decode, jobs, window=max(2 * batch_size, 2 * workers)):
                 self.times.read += time.perf_counter() - t0
@@ -206,18 +220,29 @@ class _Run:
                     pending, n_ok = [], 0
                 t0 = time.perf_counter()
             self._write_images(pending)
+        except BaseException:
+            # Ctrl-C or an error: drop the queued reads instead of waiting for all of them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
     def _write_images(self, pending: list[Decoded]) -> None:
         if not pending:
             return
         import torch
 
-        store, summary = self.store, self.summary
         oks = [d for d in pending if d.status == "ok"]
         t0 = time.perf_counter()
         vecs = self.idx.encoder.encode_image_tensors(torch.stack([d.tensor for d in oks])) if oks else None
+        self.times.encode += time.perf_counter() - t0
+        self.commit_images(pending, vecs)
+
+    def commit_images(self, pending: list[Decoded], vecs: np.ndarray | None) -> None:
+        """One transaction for a batch of decoded images; `vecs` holds the embeddings of its
+        "ok" entries, in order (every engine ends here, so the bundle is the same whichever ran)."""
+        store, summary = self.store, self.summary
+        oks = [d for d in pending if d.status == "ok"]
         t1 = time.perf_counter()
-        self.times.encode += t1 - t0
         added_ids: list[int] = []
         removed: list[int] = []
         with store.transaction():
@@ -260,6 +285,18 @@ class _Run:
         for job in jobs:
             self._corpus(job, text_column)
 
+    def encode_texts(self, todo: list[tuple[int, str]]) -> Iterator[tuple[list[tuple[int, str]], np.ndarray]]:
+        """(chunk of (line, text), their embeddings) for every document to encode; an engine
+        may replace this and yield the chunks in any order."""
+        enc = self.idx.encoder
+        step = enc.text_batch_size
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            t0 = time.perf_counter()
+            vecs = enc.encode_texts([t for _, t in chunk])
+            self.times.encode += time.perf_counter() - t0
+            yield chunk, vecs
+
     def _fail(self, path: str, reason: str) -> None:
         self.store.record_failure(path, reason)
         self.summary.failed += 1
@@ -284,7 +321,6 @@ class _Run:
             self.progress(1, self.total_work)
             return
         del data
-        enc = self.idx.encoder
         with store.transaction():
             old_hash = job.row["hash"] if job.row else None
             fid = store.upsert_file(job.path, "text", job.size, job.mtime_ns, old_hash, False)
@@ -302,13 +338,8 @@ class _Run:
             else:
                 todo.append((line, text))
         self.total_work += len(todo)
-        step = enc.text_batch_size
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
-            t0 = time.perf_counter()
-            vecs = enc.encode_texts([t for _, t in chunk])
+        for chunk, vecs in self.encode_texts(todo):
             t1 = time.perf_counter()
-            self.times.encode += t1 - t0
             with store.transaction():
                 ids = [store.insert_item(fid, "text", v, line, text) for (line, text), v in zip(chunk, vecs)]
                 store.bump_generation()
@@ -331,14 +362,36 @@ class _Run:
         self.progress(1, self.total_work)
 
 
-def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, progress=None) -> AddSummary:
-    """The body of `Index.add` (see there)."""
+def _rollback(store) -> None:
+    try:
+        store.db.conn.rollback()
+    except sqlite3.Error:
+        pass
+
+
+def _save_if_changed(idx, start_generation: int) -> None:
+    """Save the FAISS files and manifest when this run changed anything they describe."""
+    manifest = idx.read_manifest() or {}
+    stale = any(
+        (manifest.get("vectors") or {}).get(k, {}).get("generation") != idx.store.generation or idx._vectors[k].dirty
+        for k in ("image", "text")
+    )
+    if stale or idx.store.generation != start_generation or manifest.get("counts", {}).get("failures") != len(idx.store.failures()):
+        idx.save()
+
+
+def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, progress=None, engine=None) -> AddSummary:
+    """The body of `Index.add` (see there). `engine`: None (this process) or an engine object
+    such as `searchkit.pipeline_ray.RayEngine`; only decoding and encoding differ between them."""
     roots = resolve_roots(paths)
     summary = AddSummary(index=str(idx.path), model=idx.spec or "")
     run = _Run(idx, summary, progress)
+    if engine is not None:
+        engine.start()  # a missing extra or an unreachable cluster fails before anything changes
     start_generation = idx.store.generation
     for kind in ("image", "text"):
         idx.vectors(kind)  # load (or rebuild, after a killed run) before changing anything
+    disk_failed = False
     try:
         found, unlisted = discover(roots)
         image_jobs, text_jobs = run.plan(roots, found, unlisted)
@@ -349,17 +402,34 @@ def add_paths(idx, paths, *, text_column=None, batch_size=None, workers=None, pr
             enc = idx.encoder
             batch = batch_size or enc.image_batch_size
             n_workers = workers or min(8, max(2, os.cpu_count() or 2))
-            run.images(image_jobs, batch, n_workers)
+            if engine is None:
+                run.images(image_jobs, batch, n_workers)
+            else:
+                engine.images(run, image_jobs, batch)
+                run.encode_texts = lambda todo: engine.encode_texts(run, todo)
             run.texts(text_jobs, text_column)
         idx.maintain_vectors()  # (re)build / retrain approximate indexes; not after an interruption
+    except Exception as e:
+        err = storage_error(e, idx.path)
+        if err is None:
+            raise
+        # the disk refused a write: the transaction in flight is rolled back and nothing more is
+        # written (the FAISS files and manifest on disk stay a consistent older state, which the
+        # next run catches up from meta.db)
+        disk_failed = True
+        _rollback(idx.store)
+        raise err from e
     finally:
-        manifest = idx.read_manifest() or {}
-        stale = any(
-            (manifest.get("vectors") or {}).get(k, {}).get("generation") != idx.store.generation or idx._vectors[k].dirty
-            for k in ("image", "text")
-        )
-        if stale or idx.store.generation != start_generation or manifest.get("counts", {}).get("failures") != len(idx.store.failures()):
-            idx.save()
+        if engine is not None:
+            engine.close()
+        if not disk_failed:
+            try:
+                _save_if_changed(idx, start_generation)
+            except Exception as e:
+                err = storage_error(e, idx.path)
+                if err is None:
+                    raise
+                raise err from e
         LOG.info(
             "stage seconds: read-wait %.2f, encode %.2f, write %.2f",
             run.times.read, run.times.encode, run.times.write,

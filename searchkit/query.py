@@ -23,19 +23,6 @@ from .results import ClassifyResult, SearchResult
 LOG = logging.getLogger(__name__)
 
 
-def export_text_tower(encoder, folder: Path) -> None:
-    """Export the text tower for torch-free queries, once per bundle (best effort)."""
-    if os.environ.get("SEARCHKIT_TEXT_ONNX") == "0":
-        return
-    try:
-        from .encoders.onnx import OnnxTextEncoder, export_text_query_model
-
-        if not OnnxTextEncoder.matches(folder, encoder.fingerprint):
-            export_text_query_model(encoder, folder)
-    except Exception as e:
-        LOG.warning("could not export the text tower for fast queries (%s); queries will load the full model", e)
-
-
 class Searcher:
     """Search over one bundle. `vectors(kind)` gives a kind's index in step with meta.db;
     `encoder()` loads the bundle's encoder, `loaded()` is it when already loaded (else None)."""

@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import DecodeError, UsageError
+from . import remote
 from .images import image_paths_under, is_image_path
+from .remote import is_url
 
 TEXT_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".jsonl"})
 DEFAULT_TEXT_COLUMNS = ("text", "caption")
@@ -39,6 +41,12 @@ class Root:
 def resolve_roots(paths) -> list[Root]:
     roots = []
     for p in paths:
+        if is_url(str(p)):
+            url, is_dir = remote.resolve(str(p))
+            if not is_dir and not (is_image_path(url) or is_text_path(url)):
+                raise UsageError(f"{p}: unsupported file type")
+            roots.append(Root(url, is_dir))
+            continue
         ap = os.path.abspath(os.path.expanduser(str(p)))
         if os.path.isdir(ap):
             roots.append(Root(ap, True))
@@ -60,7 +68,11 @@ def discover(roots: list[Root]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     found: dict[str, str] = {}
     unreadable: list[tuple[str, str]] = []
     for root in roots:
-        if root.is_dir:
+        if root.is_dir and is_url(root.path):
+            for path in remote.list_files(root.path, unreadable):
+                if is_image_path(path):
+                    found[path] = "image"
+        elif root.is_dir:
             for path in image_paths_under(root.path, unreadable):
                 found[path] = "image"
         else:
@@ -100,6 +112,9 @@ def parse_corpus(path: str, data: bytes, text_column: str | None = None) -> Corp
             except json.JSONDecodeError as e:
                 corpus.bad_lines.append((n, f"invalid JSON: {e.msg}"))
                 continue
+            except RecursionError:
+                corpus.bad_lines.append((n, "invalid JSON: nested too deeply"))
+                continue
             if not isinstance(obj, dict):
                 corpus.bad_lines.append((n, "not a JSON object"))
                 continue
@@ -108,32 +123,63 @@ def parse_corpus(path: str, data: bytes, text_column: str | None = None) -> Corp
             if value is None:
                 corpus.bad_lines.append((n, f"no '{text_column or 'text'}' field"))
                 continue
+            if isinstance(value, (dict, list)):
+                corpus.bad_lines.append((n, f"the '{column}' field is a JSON {'object' if isinstance(value, dict) else 'array'}, not text"))
+                continue
             _take(corpus, n, str(value))
     else:  # .csv / .tsv
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
-        try:
-            header = next(reader)
-        except StopIteration:
-            return corpus
-        except csv.Error as e:
-            raise DecodeError(f"cannot parse header: {e}") from e
-        col = header.index(_pick_column(header, text_column, path, strict=True))
-        while True:
-            start = reader.line_num + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                corpus.bad_lines.append((start, f"cannot parse row: {e}"))
-                continue
-            if not row:
-                continue
-            if col >= len(row):
-                corpus.bad_lines.append((start, f"row has {len(row)} fields, the text column is #{col + 1}"))
-                continue
-            _take(corpus, start, row[col])
+        _parse_table(corpus, text, "\t" if ext == ".tsv" else ",", text_column, path)
     return corpus
+
+
+def _parse_table(corpus: Corpus, text: str, delimiter: str, text_column: str | None, path: str) -> None:
+    """Rows of a CSV/TSV. The csv module runs in strict mode, so a broken row (an unclosed quote
+    that would otherwise swallow every row after it into one field, a quote followed by text)
+    raises; it is recorded with its line number and parsing starts again on the next line."""
+    lines = io.StringIO(text, newline="").readlines()  # physical lines, as csv counts them
+    pos = 0  # index of the next line the current reader will take
+
+    def feed():
+        nonlocal pos
+        while pos < len(lines):
+            pos += 1
+            yield lines[pos - 1]
+
+    def reader():
+        return csv.reader(feed(), delimiter=delimiter, strict=True)
+
+    rows = reader()
+    try:
+        header = next(rows)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise DecodeError(f"cannot parse the header row: {_csv_reason(e)}") from e
+    col = header.index(_pick_column(header, text_column, path, strict=True))
+    while True:
+        start = pos + 1  # the line this row starts on
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            corpus.bad_lines.append((start, f"cannot parse row: {_csv_reason(e)}"))
+            pos = start  # go on with the line after the one the broken row started on
+            rows = reader()
+            continue
+        if not row:
+            continue
+        if col >= len(row):
+            corpus.bad_lines.append((start, f"row has {len(row)} fields, the text column is #{col + 1}"))
+            continue
+        _take(corpus, start, row[col])
+
+
+def _csv_reason(e: csv.Error) -> str:
+    msg = str(e)
+    if "unexpected end of data" in msg:
+        return "a quoted field is never closed"
+    return msg
 
 
 def _take(corpus: Corpus, n: int, value: str) -> None:

@@ -13,10 +13,16 @@ Tables:
 
 Every change of items bumps `generation` inside the same transaction, so a FAISS file written
 at generation g is known stale as soon as the database is at any other generation.
+
+Paths are Python's `os.fsdecode` strings: a Linux file name is bytes, and one that is not valid
+UTF-8 arrives with surrogate escapes, which SQLite text cannot hold. Such a path is stored as a
+BLOB of its raw bytes (`os.fsencode`) in the same column and decoded back on the way out, so it
+round-trips losslessly; every other path stays TEXT, so no two spellings of one name can meet.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -32,6 +38,24 @@ from .errors import CorruptIndexError
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def to_db(path: str) -> str | bytes:
+    """A path as meta.db stores it: TEXT when it is valid UTF-8, else its raw bytes (BLOB)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def from_db(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def safe_text(s: str) -> str:
+    """Text SQLite can store: lone surrogates (from an undecodable name in a message) escaped."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def m001_initial(db: sqlite_utils.Database) -> None:
@@ -82,6 +106,11 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as e:
+            from .fsutil import storage_error
+
+            full = storage_error(e, self.path)  # (the disk, not the file: say so)
+            if full is not None:
+                raise full from e
             raise CorruptIndexError(f"{self.path} is not a searchkit metadata database: {e}") from e
 
     def close(self) -> None:
@@ -127,9 +156,10 @@ class Store:
     def all_files(self) -> dict[str, dict]:
         cur = self.db.execute("SELECT id, path, kind, size, mtime_ns, hash, complete FROM files")
         cols = [d[0] for d in cur.description]
-        return {row[1]: dict(zip(cols, row)) for row in cur}
+        return {from_db(row[1]): {**dict(zip(cols, row)), "path": from_db(row[1])} for row in cur}
 
     def upsert_file(self, path: str, kind: str, size: int, mtime_ns: int, hash_: str | None, complete: bool) -> int:
+        path = to_db(path)
         row = self.db.execute("SELECT id FROM files WHERE path = ?", [path]).fetchone()
         values = [kind, size, mtime_ns, hash_, int(complete)]
         if row:
@@ -144,7 +174,7 @@ class Store:
         return int(cur.lastrowid)
 
     def move_file(self, file_id: int, new_path: str, size: int, mtime_ns: int) -> None:
-        self.db.execute("UPDATE files SET path=?, size=?, mtime_ns=? WHERE id=?", [new_path, size, mtime_ns, file_id])
+        self.db.execute("UPDATE files SET path=?, size=?, mtime_ns=? WHERE id=?", [to_db(new_path), size, mtime_ns, file_id])
 
     def delete_items_of(self, file_id: int) -> list[int]:
         """Remove a file's items; returns their ids."""
@@ -204,7 +234,7 @@ class Store:
         return dict(self.db.execute("SELECT file_id, COUNT(*) FROM items GROUP BY file_id").fetchall())
 
     def delete_failure(self, path: str) -> None:
-        self.db.execute("DELETE FROM failures WHERE path = ?", [path])
+        self.db.execute("DELETE FROM failures WHERE path = ?", [to_db(path)])
 
     # -- items ----------------------------------------------------------------------------------
     def insert_item(self, file_id: int, kind: str, vector: np.ndarray, locator: int | None = None, text: str | None = None) -> int:
@@ -277,7 +307,7 @@ class Store:
             f"JOIN files ON files.id = items.file_id WHERE items.id IN ({marks})",
             ids,
         )
-        return {r[0]: {"id": r[0], "kind": r[1], "locator": r[2], "text": r[3], "path": r[4]} for r in cur}
+        return {r[0]: {"id": r[0], "kind": r[1], "locator": r[2], "text": r[3], "path": from_db(r[4])} for r in cur}
 
     def file_hashes(self, ids: Iterable[int]) -> dict[int, str | None]:
         """Item id -> the content hash of its file."""
@@ -305,16 +335,36 @@ class Store:
         self.db.execute(
             "INSERT INTO failures(path, reason, at) VALUES (?, ?, ?) "
             "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason, at = excluded.at",
-            [path, reason, _now()],
+            [to_db(path), safe_text(reason), _now()],
         )
 
     def clear_failures(self, path: str) -> None:
         """Forget failures of a file and of its lines (`path`, `path:N`)."""
+        raw = os.fsencode(path) + b":"  # compared as bytes: keys may be TEXT or BLOB (see to_db)
         self.db.execute(
-            "DELETE FROM failures WHERE path = ? OR (substr(path, 1, ?) = ? AND substr(path, ?) GLOB '[0-9]*')",
-            [path, len(path) + 1, path + ":", len(path) + 2],
+            "DELETE FROM failures WHERE path = ? OR (substr(CAST(path AS BLOB), 1, ?) = ? "
+            "AND CAST(substr(CAST(path AS BLOB), ?) AS TEXT) GLOB '[0-9]*')",
+            [to_db(path), len(raw), raw, len(raw) + 1],
         )
 
     def failures(self) -> list[dict]:
         cur = self.db.execute("SELECT path, reason, at FROM failures ORDER BY path")
-        return [{"path": p, "reason": r, "at": a} for p, r, a in cur]
+        return [{"path": from_db(p), "reason": r, "at": a} for p, r, a in cur]
+
+    # -- reads for the server -------------------------------------------------------------------
+    def item(self, item_id: int) -> dict | None:
+        """One item with its file row (path, size, mtime_ns), or None; ids beyond SQLite's
+        integer range are simply absent."""
+        if not 0 <= int(item_id) < 2**63:
+            return None
+        row = self.db.execute(
+            "SELECT items.id, items.kind, items.locator, items.text, files.path, files.size, files.mtime_ns "
+            "FROM items JOIN files ON files.id = items.file_id WHERE items.id = ?",
+            [int(item_id)],
+        ).fetchone()
+        if row is None:
+            return None
+        keys = ("id", "kind", "locator", "text", "path", "size", "mtime_ns")
+        out = dict(zip(keys, row))
+        out["path"] = from_db(out["path"])
+        return out

@@ -223,3 +223,4 @@ def test_wheel_ships_cli_inside_the_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "searchkit/cli/main.py" in names and "searchkit/py.typed" in names
     assert not any(n.startswith("cli/") for n in names)
+    assert {"searchkit/serve/static/index.html", "searchkit/serve/static/app.js", "searchkit/serve/static/style.css"} <= set(names)

@@ -53,7 +53,7 @@ def test_search_results_identical_with_and_without_torch(bundle_with_text_onnx):
 
     idx = searchkit.open_index("t")
     fast = [r.to_dict() for r in idx.search("a cat", k=3, kind="text")]
-    assert isinstance(idx._searcher.text_encoder(), OnnxTextEncoder)
+    assert isinstance(idx.text_encoder(), OnnxTextEncoder)
     slow_idx = searchkit.open_index("t")
     slow_idx._searcher.text = slow_idx.encoder
     slow = [r.to_dict() for r in slow_idx.search("a cat", k=3, kind="text")]

@@ -74,6 +74,13 @@ class Encoder(ABC):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """An RGB PIL image to the CHW float tensor the image tower takes."""
 
+    @property
+    def image_transform(self):
+        """`preprocess` as a picklable callable that does not hold the model, for decode workers
+        in other processes or on other machines (the ray engine). Families override this when
+        `preprocess` is a bound method of an object holding weights."""
+        return self.preprocess
+
     @abstractmethod
     def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """A preprocessed NCHW batch to (n, dim) normalized float32 embeddings."""

@@ -241,6 +241,10 @@ class DualEncoder(Encoder):
     def preprocess(self, image):
         return self.image_tower.preprocess(image)
 
+    @property
+    def image_transform(self):
+        return self.image_tower.image_transform
+
     def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
         import torch
 

@@ -130,7 +130,7 @@ def export_text_query_model(enc: Encoder, folder: Path) -> bool:
             return enc.text_forward(tokens)
 
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=".text-onnx-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".text-onnx-{os.getpid()}-", dir=folder.parent))
     try:
         example = bpe(["a photo of a dog", "x"]).to(enc.device)[:, :8]
         _export(TextTower().eval(), example, tmp / "text.onnx", "tokens", {0: ("batch", 1, 4096), 1: ("length", 2, int(bpe.context_length))})
@@ -236,6 +236,10 @@ class Int8ImageEncoder(Encoder):
 
     def preprocess(self, image):
         return self.base.preprocess(image)
+
+    @property
+    def image_transform(self):
+        return self.base.image_transform
 
     def encode_image_tensors(self, batch) -> np.ndarray:
         return _normalize(self.session.run(None, {"pixels": batch.cpu().numpy()})[0])

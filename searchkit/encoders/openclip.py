@@ -135,6 +135,10 @@ class OpenClipEncoder(Encoder):
     def preprocess(self, image):
         return self._preprocess(image)
 
+    @property
+    def image_transform(self):
+        return self._preprocess
+
     def _autocast(self):
         import contextlib
 

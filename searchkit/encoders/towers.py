@@ -65,6 +65,11 @@ class ImageTower:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._transform(image)
 
+    @property
+    def image_transform(self):
+        """`preprocess` without the network (see Encoder.image_transform)."""
+        return self._transform
+
     def raw_features(self, batch: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -264,7 +269,7 @@ class OpenClipImageTower(ImageTower):
         enc = load_open_clip(rest, device)
         self.spec, self.device, self.image_size, self.dim = enc.spec, device, enc.image_size, enc.dim
         self._enc = enc
-        self._transform = enc.preprocess
+        self._transform = enc.image_transform
 
     def raw_features(self, batch: torch.Tensor) -> torch.Tensor:
         import torch

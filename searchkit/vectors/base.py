@@ -190,7 +190,6 @@ class Vectors:
         return cls(dim, index)
 
 
-
 class IdMapped(Vectors):
     """A kind wrapped in an IndexIDMap(2): position -> id, cached until the next change."""
 
@@ -206,9 +205,8 @@ class IdMapped(Vectors):
         self._idmap = None
 
 
-
 def create(kind: str, dim: int, params: dict | None = None, fetch: Fetch | None = None) -> Vectors:
-    """A new, empty index of `kind` (trained first, for IVF-PQ)."""
+    """A new, empty index of `kind` (an IVF-PQ one is trained before vectors are added)."""
     return Vectors.kinds[kind](dim, None, params, None, fetch)
 
 

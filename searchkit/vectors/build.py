@@ -53,7 +53,6 @@ def build(
     return vec
 
 
-
 def reservoir_sample(chunks: Iterable[tuple[np.ndarray, np.ndarray]], n: int, seed: int = 0) -> np.ndarray:
     """A uniform sample of n rows from a stream of blocks, holding at most n rows."""
     rng = np.random.default_rng(seed)

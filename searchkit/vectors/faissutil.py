@@ -55,7 +55,6 @@ def quiet_stdout():
         os.close(saved)
 
 
-
 # -- selectors ----------------------------------------------------------------------------------
 class Selector:
     """A FAISS IDSelector over sorted int64 ids that keeps its buffers alive while in use."""
@@ -97,7 +96,6 @@ def trim_columns(D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     valid = (I >= 0).any(axis=0)
     keep = int(valid.nonzero()[0][-1]) + 1 if valid.any() else 0
     return D[:, :keep], I[:, :keep]
-
 
 
 def on_disk_lists(index) -> bool:

@@ -286,7 +286,6 @@ def opq_helps(sample: np.ndarray, m: int, threshold: float = OPQ_MIN_CROSS_ENERG
     return share >= threshold, share
 
 
-
 def add_in_shards(vec: IVFPQVectors, chunks: Iterable[tuple[np.ndarray, np.ndarray]], folder: Path, name: str, shard_size: int) -> None:
     """Fill a trained, empty IVF-PQ through shard files merged into one on-disk .ivfdata
     (faiss.contrib.ondisk): at most `shard_size` vectors' codes are in memory at a time."""
