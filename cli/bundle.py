@@ -109,6 +109,8 @@ def info_cmd(index: Optional[str] = IndexOpt, json_out: bool = JsonOpt):
         ["images", c["image"]],
         ["text items", c["text"]],
         ["files", c["files"]],
+        ["photos dated / with GPS", f'{info["photos"]["with_date"]} / {info["photos"]["with_gps"]}'],
+        *[["camera", f"{cam} ({n})"] for cam, n in list(info["photos"]["cameras"].items())[:5]],
         ["failures", len(info["failures"])],
         ["created", m.get("created_at")],
         ["updated", m.get("updated_at")],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bundle, fusion, search, serve, train_eval
+from . import bundle, dupes, fusion, search, serve, train_eval
 
 app = typer.Typer(
     help="Cross-modal search: index photos and text, query by text or image, classify zero-shot.",
@@ -17,6 +17,7 @@ app = typer.Typer(
 app.command("index")(bundle.index_cmd)
 app.command("query")(search.query_cmd)
 app.command("classify")(search.classify_cmd)
+app.command("dupes")(dupes.dupes_cmd)
 app.command("info")(bundle.info_cmd)
 app.command("reindex")(bundle.reindex_cmd)
 train_eval.register(app)

@@ -19,8 +19,12 @@ class Kind(str, Enum):
 
 @handle_errors
 def query_cmd(
-    text: Optional[str] = typer.Argument(None, help="Query text."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Query by this image instead of text."),
+    text: Optional[str] = typer.Argument(None, help="Query text; 'W:text' weighs it (e.g. '2:a beach')."),
+    image: Optional[List[str]] = typer.Option(
+        None, "--image", help="Query by this image (repeatable; mixes with TEXT); 'W:path' weighs it (e.g. '0.5:./x.jpg')."
+    ),
+    not_text: Optional[List[str]] = typer.Option(None, "--not", help="Subtract this text (repeatable; 'W:text' weighs it)."),
+    not_image: Optional[List[str]] = typer.Option(None, "--not-image", help="Subtract this image (repeatable; 'W:path' weighs it)."),
     k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results."),
     kind: Kind = typer.Option(Kind.image, "--kind", help="What to return: images or text items."),
     where_path: Optional[str] = typer.Option(
@@ -30,29 +34,50 @@ def query_cmd(
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Only files of at most this size."),
     after: Optional[str] = typer.Option(None, "--after", help="Only files modified at or after DATE (ISO, e.g. 2024-05-01, local time)."),
     before: Optional[str] = typer.Option(None, "--before", help="Only files modified before DATE."),
+    taken_after: Optional[str] = typer.Option(
+        None, "--taken-after", help="Only photos taken at or after DATE (EXIF date; a file without one: its modification time)."
+    ),
+    taken_before: Optional[str] = typer.Option(
+        None, "--taken-before", help="Only photos taken before DATE (EXIF date; a file without one: its modification time)."
+    ),
+    camera: Optional[str] = typer.Option(None, "--camera", help="Only photos whose EXIF camera make/model contains TEXT (any case)."),
+    near: Optional[str] = typer.Option(None, "--near", help="Only photos whose EXIF GPS position is within KM of LAT,LON (e.g. 48.8584,2.2945,5)."),
+    min_confidence: Optional[float] = typer.Option(
+        None, "--min-confidence", min=0.0, max=1.0,
+        help="Drop results whose calibrated confidence (probability of being the true match) is below P; none left: 'no good match'.",
+    ),
     index: Optional[str] = IndexOpt,
     json_out: bool = JsonOpt,
 ):
-    """Nearest images (or text items with --kind text) to a text or an image."""
+    """Nearest images (or text items with --kind text) to a text, images, or a weighted mix of
+    them minus --not / --not-image terms (the normalised weighted sum of the term embeddings)."""
     from searchkit import open_index
     from searchkit.errors import UsageError
     from searchkit.filters import Filter
+    from searchkit.terms import Query
 
-    if (text is None) == (image is None):
-        raise UsageError("give either query TEXT or --image PATH (exactly one)")
-    where = Filter.of(path=where_path, min_size=min_size, max_size=max_size, after=after, before=before)
+    if text is None and not image:
+        raise UsageError("give query TEXT and/or --image PATH")
+    query = Query.parse(texts=[text] if text is not None else [], images=image or [], not_texts=not_text or [], not_images=not_image or [])
+    where = Filter.of(
+        path=where_path, min_size=min_size, max_size=max_size, after=after, before=before,
+        taken_after=taken_after, taken_before=taken_before, camera=camera, near=near,
+    )
     if where is not None:
         where.sql()  # refuse a bad size or date before loading anything
     with open_index(index) as idx:
-        results = idx.search(text if text is not None else Path(image), k=k, kind=kind.value, where=where)
+        results = idx.search(query, k=k, kind=kind.value, where=where, min_confidence=min_confidence)
     if json_out:
         for r in results:
             print_json(r.to_dict())
         return
+    if not results and min_confidence is not None:
+        print(f"no good match (no result reaches confidence {min_confidence:g})")
+        return
     if kind is Kind.text:
-        table("", ["rank", "score", "text", "source"], [[r.rank, f"{r.score:.4f}", r.text, r.source] for r in results])
+        table("", ["rank", "score", "confidence", "text", "source"], [[r.rank, f"{r.score:.4f}", f"{r.confidence:.3f}", r.text, r.source] for r in results])
     else:
-        table("", ["rank", "score", "path"], [[r.rank, f"{r.score:.4f}", rel_path(r.path)] for r in results])
+        table("", ["rank", "score", "confidence", "path"], [[r.rank, f"{r.score:.4f}", f"{r.confidence:.3f}", rel_path(r.path)] for r in results])
 
 
 @handle_errors

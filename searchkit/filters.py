@@ -20,6 +20,15 @@ ISO dates or datetimes (`2024-05-01`, `2024-05-01T13:30`; naive ones in local ti
 file's modification time. Values beyond what the index can hold are clamped, as they select
 the same files: a date before 1678 or after 2261 (the range of 64-bit nanosecond times) or a
 size over 8 EiB; a value that is not a number or a date is refused with a UsageError.
+
+Photo facts (from EXIF, recorded per file at indexing, see photos.py):
+  - `taken_after` (inclusive) / `taken_before` (exclusive): the date the photo was taken; a file
+    with no recorded date (a screenshot, a PNG, a photo whose EXIF was stripped) falls back to
+    its modification time.
+  - `camera`: a case-insensitive substring of "make model" (`"iphone"`, `"canon eos"`); files
+    with no camera recorded never match.
+  - `near`: `"LAT,LON,KM"` (or a (lat, lon, km) tuple): photos whose GPS position lies within
+    KM kilometres (great-circle distance); photos without a position never match.
 """
 
 from __future__ import annotations
@@ -97,6 +106,20 @@ def parse_time_ns(value: DateLike, *, what: str = "date") -> int:
     return _clamp(delta // timedelta(microseconds=1) * 1000)
 
 
+def parse_near(value) -> tuple[float, float, float]:
+    """(lat, lon, km) from "LAT,LON,KM" or a 3-tuple; UsageError when out of range."""
+    parts = value if isinstance(value, (tuple, list)) else str(value).split(",")
+    try:
+        lat, lon, km = (float(x) for x in parts)
+    except (TypeError, ValueError):
+        raise UsageError(f"bad --near {value!r}; use LAT,LON,KM (e.g. 48.8584,2.2945,5)") from None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise UsageError(f"bad --near {value!r}: latitude must be in [-90, 90], longitude in [-180, 180]")
+    if not (km > 0 and km == km and km != float("inf")):
+        raise UsageError(f"bad --near {value!r}: the distance must be a positive number of km")
+    return lat, lon, km
+
+
 @dataclass(frozen=True)
 class Filter:
     """Restrict a search to items whose file matches every given condition (None = any)."""
@@ -106,6 +129,10 @@ class Filter:
     max_size: SizeLike | None = None
     after: DateLike | None = None
     before: DateLike | None = None
+    taken_after: DateLike | None = None
+    taken_before: DateLike | None = None
+    camera: str | None = None
+    near: str | tuple | None = None
 
     @classmethod
     def of(cls, where: Filter | dict | None = None, **kwargs: Any) -> Filter | None:
@@ -121,7 +148,7 @@ class Filter:
         base.update({k: v for k, v in kwargs.items() if v is not None})
         unknown = set(base) - {f.name for f in fields(cls)}
         if unknown:
-            raise UsageError(f"unknown filter field(s): {', '.join(sorted(unknown))}; use path, min_size, max_size, after, before")
+            raise UsageError(f"unknown filter field(s): {', '.join(sorted(unknown))}; use {', '.join(f.name for f in fields(cls))}")
         flt = cls(**base)
         return None if flt.is_empty() else flt
 
@@ -169,4 +196,29 @@ class Filter:
         if t1 is not None:
             clauses.append("f.mtime_ns < ?")
             params.append(t1)
+        taken = "COALESCE((SELECT p.taken_ns FROM photos p WHERE p.file_id = f.id), f.mtime_ns)"
+        if self.taken_after is not None:
+            clauses.append(f"{taken} >= ?")
+            params.append(parse_time_ns(self.taken_after, what="--taken-after date"))
+        if self.taken_before is not None:
+            clauses.append(f"{taken} < ?")
+            params.append(parse_time_ns(self.taken_before, what="--taken-before date"))
+        if self.camera is not None:
+            cam = str(self.camera).strip()
+            if not cam:
+                raise UsageError("empty camera filter")
+            clauses.append(
+                "EXISTS (SELECT 1 FROM photos p WHERE p.file_id = f.id AND "
+                "instr(lower(COALESCE(p.make, '') || ' ' || COALESCE(p.model, '')), lower(?)) > 0)"
+            )
+            params.append(cam)
+        if self.near is not None:
+            lat, lon, km = parse_near(self.near)
+            box = km / 111.0 + 1e-6  # a degree of latitude is at least 110.57 km: an index-friendly pre-cut
+            clauses.append(
+                "EXISTS (SELECT 1 FROM photos p WHERE p.file_id = f.id AND p.lat BETWEEN ? AND ? AND "
+                "2 * 6371.0088 * asin(min(1.0, sqrt(power(sin(radians(p.lat - ?) / 2), 2) + "
+                "cos(radians(?)) * cos(radians(p.lat)) * power(sin(radians(p.lon - ?) / 2), 2)))) <= ?)"
+            )
+            params += [lat - box, lat + box, lat, lat, lon, km]
         return (" AND ".join(clauses) or "1"), params

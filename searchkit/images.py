@@ -1,7 +1,7 @@
 """Image files to RGB PIL images: every format and mode, orientation applied, bombs refused.
 
 `load_image` is the only way searchkit opens an image file. It reads JPEG, PNG, WebP, GIF (first
-frame), BMP and TIFF; applies the EXIF orientation; converts any mode (CMYK, 16-bit and 32-bit
+frame), BMP, TIFF, HEIC/HEIF, AVIF and the JPEG preview of RAW files (see photos.py); applies the EXIF orientation; converts any mode (CMYK, 16-bit and 32-bit
 integer, float, palette with transparency, alpha) to 8-bit RGB, compositing transparency on
 white; refuses images over PIL's `Image.MAX_IMAGE_PIXELS` before decoding any pixel; and, given
 `draft_size`, lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding so a 12 MP photo is
@@ -22,17 +22,22 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DecodeError
+from .photos import AVIF_EXTENSIONS, HEIF_EXTENSIONS, RAW_EXTENSIONS, PhotoMeta, enable_heif, photo_meta, raw_preview
 from .remote import is_url
 from .remote import read as read_url
 
-#: file extensions indexed as images (lower case)
+#: file extensions indexed as images (lower case); HEIC/HEIF, AVIF and RAW: see photos.py
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-)
+) | HEIF_EXTENSIONS | AVIF_EXTENSIONS | RAW_EXTENSIONS
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
     return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_raw_path(path: str | os.PathLike) -> bool:
+    return os.path.splitext(str(path))[1].lower() in RAW_EXTENSIONS
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -97,8 +102,23 @@ def _file_type(mode: int) -> str:
     return "not a plain file"
 
 
-def decode_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
-    """Encoded image bytes to an RGB image (see the module docstring)."""
+def decode_image(data: bytes, *, draft_size: int | None = None, raw: bool = False) -> Image.Image:
+    """Encoded image bytes to an RGB image (see the module docstring); `raw`: a RAW file,
+    whose embedded JPEG preview is decoded."""
+    return decode_photo(data, draft_size=draft_size, raw=raw)[0]
+
+
+def decode_photo(data: bytes, *, draft_size: int | None = None, raw: bool = False) -> tuple[Image.Image, PhotoMeta]:
+    """`decode_image`, plus what the file's EXIF says (photos.PhotoMeta)."""
+    enable_heif()
+    raw_meta = None
+    if raw:
+        try:  # the RAW file's own EXIF is TIFF-shaped: Pillow reads its tags without its pixels
+            with Image.open(io.BytesIO(data)) as tiff:
+                raw_meta = photo_meta(tiff)
+        except Exception:
+            raw_meta = None
+        data = raw_preview(data)
     try:
         with warnings.catch_warnings():
             # we refuse oversize images ourselves below, with a clearer message
@@ -112,11 +132,14 @@ def decode_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
             )
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
+        meta = photo_meta(img)
+        if raw_meta is not None:  # the preview's own EXIF is often thin: prefer the RAW file's
+            meta = PhotoMeta(**{**meta.__dict__, **{k: v for k, v in raw_meta.__dict__.items() if v is not None and k not in ("width", "height")}})
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
         img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        return to_rgb(img), meta
     except DecodeError:
         raise
     except Image.DecompressionBombError as e:
@@ -128,9 +151,20 @@ def decode_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
         raise DecodeError(f"cannot decode image: {msg}") from e
 
 
+def header_meta(data: bytes) -> PhotoMeta:
+    """The EXIF facts of encoded image bytes (a RAW file's too: its tags are TIFF-shaped)
+    without decoding any pixel; empty if unreadable."""
+    enable_heif()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return photo_meta(img)
+    except Exception:
+        return PhotoMeta()
+
+
 def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Image.Image:
     """Open an image file as RGB; DecodeError with a one-line reason if it cannot be."""
-    return decode_image(read_bytes(path), draft_size=draft_size)
+    return decode_image(read_bytes(path), draft_size=draft_size, raw=is_raw_path(path))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -212,20 +212,36 @@ class Index:
         matches the encoder, else the encoder itself (loaded on first use)."""
         return self._searcher.text_encoder()
 
-    def search(self, query, k: int = 10, kind: str = "image", *, where=None) -> list[SearchResult]:
-        """The k items of `kind` nearest to a text (str), an image (PIL or pathlib.Path) or an
-        embedding; best first.
+    def search(self, query, k: int = 10, kind: str = "image", *, where=None, min_confidence: float | None = None) -> list[SearchResult]:
+        """The k items of `kind` nearest to a text (str), an image (PIL or pathlib.Path), an
+        embedding, or a combined `searchkit.terms.Query` (or list of (weight, term) pairs,
+        negative weights subtracting); best first.
 
         `where`: a `searchkit.filters.Filter` (or a dict of its fields: path, min_size,
-        max_size, after, before) restricting the results to items whose file matches; the
-        result is the true top k among the matches (FAISS id-selector pre-filtering)."""
-        return self._searcher.search(query, k, kind, where=where)
+        max_size, after, before, taken_after, taken_before, camera, near) restricting the results to items whose file matches; the
+        result is the true top k among the matches (FAISS id-selector pre-filtering).
+        Every result carries a calibrated `confidence` in [0, 1] (see confidence.py);
+        `min_confidence` drops weaker results (possibly all of them: no good match)."""
+        return self._searcher.search(query, k, kind, where=where, min_confidence=min_confidence)
 
     def classify(self, images, labels=None, templates: Sequence[str] | None = None, *, examples=None) -> list[ClassifyResult]:
         """Classify images (paths, folders or PIL images) with this bundle's encoder: zero-shot,
         or few-shot with `examples` (a folder of label sub-folders or a `FewShotClassifier`)."""
         text = self._searcher.text_encoder()  # the torch-free text tower when the bundle has one
         return classify_images(self.encoder, images, labels, templates, examples=examples, text_encoder=text)
+
+    def dupes(self, threshold: float | None = None, min_pixel_similarity: float | None = None) -> list:
+        """Groups of near-duplicate images (`searchkit.dupes.DupeGroup`), largest first: pairs
+        whose stored embeddings reach `threshold` (cosine) and that pass the perceptual check,
+        or identical bytes. See dupes.py."""
+        from .dupes import DEFAULT_PIXEL_SIMILARITY, DEFAULT_THRESHOLD, find_duplicates
+
+        return find_duplicates(
+            self.store,
+            self.dim,
+            DEFAULT_THRESHOLD if threshold is None else threshold,
+            DEFAULT_PIXEL_SIMILARITY if min_pixel_similarity is None else min_pixel_similarity,
+        )
 
     def failures(self) -> list[dict]:
         return self.store.failures()
@@ -236,6 +252,7 @@ class Index:
             "index": str(self.path),
             "manifest": self.read_manifest(),
             "counts": {**counts, "files": self.store.file_count()},
+            "photos": self.store.photo_summary(),
             "failures": self.store.failures(),
         }
 

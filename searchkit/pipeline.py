@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import DecodeError
 from .fsutil import storage_error
-from .images import decode_image, read_bytes
+from .images import decode_photo, header_meta, is_raw_path, read_bytes
 from .remote import is_url
 from .remote import stat as url_stat
 from .results import AddSummary
@@ -56,18 +56,20 @@ class Decoded:
     hash: str | None = None
     tensor: Any = None
     reason: str | None = None
+    meta: Any = None  # photos.PhotoMeta: what the file's EXIF says
 
 
-def decode_job(job: Job, draft_size: int, preprocess: Callable) -> Decoded:
-    """Read, hash, draft-decode and preprocess one image (in a decode thread or a Ray task)."""
+def decode_job(job: Job, draft_size: int, preprocess: Callable, *, backfill: bool = False) -> Decoded:
+    """Read, hash, draft-decode and preprocess one image (in a decode thread or a Ray task),
+    with what its EXIF says; `backfill`: an unchanged file whose EXIF facts were never read."""
     try:
         data = read_bytes(job.path)
         h = job.known_hash or content_hash(data)
         if job.row and job.row["hash"] == h:
-            return Decoded(job, "same", h)
-        img = decode_image(data, draft_size=draft_size)
+            return Decoded(job, "same", h, meta=header_meta(data) if backfill else None)
+        img, meta = decode_photo(data, draft_size=draft_size, raw=is_raw_path(job.path))
         del data
-        return Decoded(job, "ok", h, preprocess(img))
+        return Decoded(job, "ok", h, preprocess(img), meta=meta)
     except DecodeError as e:
         return Decoded(job, "fail", reason=str(e))
     except Exception as e:  # a transform that chokes on a strange image
@@ -122,6 +124,7 @@ class _Run:
         store, summary = self.store, self.summary
         known = store.all_files()
         counts = store.item_counts_by_file()
+        no_meta = store.files_without_photo_meta()
         jobs: list[Job] = []
         new: list[Job] = []
         for path, kind in found.items():
@@ -135,6 +138,9 @@ class _Run:
                 size, mtime = -1, -1  # reading it will fail and say why
             row = known.get(path)
             if row and row["kind"] == kind and row["complete"] and row["size"] == size and row["mtime_ns"] == mtime:
+                if row["id"] in no_meta:  # indexed before EXIF facts were recorded: read them once
+                    jobs.append(Job(path, kind, size, mtime, row, known_hash=row["hash"]))
+                    continue
                 summary.unchanged += counts.get(row["id"], 0)
                 continue
             job = Job(path, kind, size, mtime, row)
@@ -195,9 +201,10 @@ class _Run:
         if not jobs:
             return
         enc = self.idx.encoder
+        no_meta = self.store.files_without_photo_meta()
 
         def decode(job: Job) -> Decoded:
-            return decode_job(job, enc.image_size, enc.preprocess)
+            return decode_job(job, enc.image_size, enc.preprocess, backfill=job.row is not None and job.row["id"] in no_meta)
 
         pending: list[Decoded] = []
         n_ok = 0
@@ -245,6 +252,8 @@ class _Run:
                     removed += store.delete_items_of(job.row["id"])
                 fid = store.upsert_file(job.path, "image", job.size, job.mtime_ns, d.hash, True)
                 added_ids.append(store.insert_item(fid, "image", vecs[i]))
+                if d.meta is not None:
+                    store.set_photo_meta(fid, d.meta)
                 store.clear_failures(job.path)
                 if job.row:
                     summary.updated += 1
@@ -253,7 +262,9 @@ class _Run:
             for d in pending:
                 job = d.job
                 if d.status == "same":
-                    store.upsert_file(job.path, "image", job.size, job.mtime_ns, d.hash, True)
+                    fid = store.upsert_file(job.path, "image", job.size, job.mtime_ns, d.hash, True)
+                    if d.meta is not None:
+                        store.set_photo_meta(fid, d.meta)
                     store.clear_failures(job.path)
                     summary.unchanged += 1
                 elif d.status == "fail":

@@ -34,6 +34,7 @@ class Searcher:
         self.encoder = encoder
         self.loaded = loaded
         self.text: Any = None  # the text encoder of queries, once chosen
+        self._samples: dict[tuple[str, int], np.ndarray] = {}
 
     def text_encoder(self):
         """The bundle's torch-free text tower (text-onnx/) when it matches, else the encoder."""
@@ -54,10 +55,15 @@ class Searcher:
         return self.text
 
     def embed(self, query) -> np.ndarray:
+        """The (1, dim) vector of a text, an image, an embedding, or a combined `Query`
+        (or list of (weight, term) pairs; see terms.py)."""
         from PIL import Image
 
         from .images import to_rgb
+        from .terms import Query
 
+        if isinstance(query, Query) or (isinstance(query, list) and query and all(isinstance(p, tuple) for p in query)):
+            return Query.of(query).embed(self.embed_texts, self.embed)
         if isinstance(query, str):
             if not query.strip():
                 raise UsageError("empty query text")
@@ -72,12 +78,33 @@ class Searcher:
             raise UsageError(f"query must be text, an image path (pathlib.Path) or a PIL image, not {type(query).__name__}")
         return self.encoder().encode_images([img])
 
-    def search(self, query, k: int = 10, kind: str = "image", *, where=None) -> list[SearchResult]:
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.text_encoder().encode_texts(texts)
+
+    def bulk_sample(self, kind: str) -> np.ndarray:
+        """A fixed random sample of the kind's stored vectors (the bulk a hit is measured
+        against), drawn once per generation of meta.db."""
+        from .confidence import SAMPLE_SIZE
+
+        key = (kind, self.store.generation)
+        if key not in self._samples:
+            ids = self.store.item_ids(kind)
+            rng = np.random.default_rng(0)
+            pick = np.sort(rng.choice(len(ids), min(SAMPLE_SIZE, len(ids)), replace=False))
+            dim = int(self.store.get_meta("dim") or 0)
+            self._samples = {k: v for k, v in self._samples.items() if k[1] == key[1]}
+            self._samples[key] = self.store.vectors_by_ids(ids[pick], dim, missing_ok=True)
+        return self._samples[key]
+
+    def search(self, query, k: int = 10, kind: str = "image", *, where=None, min_confidence: float | None = None) -> list[SearchResult]:
         """See `Index.search`."""
+        from .confidence import TOP, bulk_stats, confidences, load_calibration
         from .filters import Filter
 
         if k < 1:
             raise UsageError("k must be at least 1")
+        if min_confidence is not None and not (0.0 <= float(min_confidence) <= 1.0):
+            raise UsageError(f"min_confidence must be between 0 and 1, not {min_confidence}")
         flt = Filter.of(where)
         vec = self.vectors(kind)
         if len(vec) == 0:
@@ -89,15 +116,27 @@ class Searcher:
             allowed = self.store.matching_ids(kind, *flt.sql())
             if len(allowed) == 0:
                 return []
-        scores, ids = vec.search(self.embed(query), k, allowed=allowed)
+        q = self.embed(query)
+        if q.shape[-1] != vec.dim:
+            raise UsageError(f"the query embedding has {q.shape[-1]} dimensions; this index holds {vec.dim}")
+        scores, ids = vec.search(q, k, allowed=allowed)
+        mu, sigma = bulk_stats(q, self.bulk_sample(kind))
+        cal = load_calibration(self.store.get_meta("encoder_spec"))
+        top_mean = None
+        if cal.feature == "z_top":  # the query's own best scores over the whole index, filter or not
+            top = scores[0] if allowed is None and k >= TOP else vec.search(q, TOP)[0][0]
+            top = top[:TOP][np.isfinite(top[:TOP]) & (top[:TOP] > -1e30)]
+            top_mean = float(top.mean()) if len(top) else mu
+        conf = confidences(scores[0], mu, sigma, cal, top_mean)
         rows = self.store.item_rows(i for i in ids[0] if i >= 0)
+        photos = self.store.photo_meta_of(rows) if kind == "image" else {}
         out = []
-        for score, i in zip(scores[0], ids[0]):
+        for score, c, i in zip(scores[0], conf, ids[0]):
             row = rows.get(int(i))
-            if row is None:
+            if row is None or (min_confidence is not None and c < min_confidence):
                 continue
             out.append(
-                SearchResult(len(out) + 1, float(score), row["kind"], row["id"], row["path"], row["text"], row["locator"])
+                SearchResult(len(out) + 1, float(score), row["kind"], row["id"], row["path"], row["text"], row["locator"], float(c), photos.get(int(i)))
             )
         return out
 

@@ -14,6 +14,10 @@ class SearchResult:
     path: str  # the image file, or the corpus file a text item came from
     text: str | None = None
     line: int | None = None
+    #: calibrated probability in [0, 1] that this is the query's true match (see confidence.py)
+    confidence: float | None = None
+    #: what the image's EXIF says (taken, make, model, lat, lon, width, height; known ones only)
+    photo: dict | None = None
 
     @property
     def source(self) -> str | None:
@@ -21,10 +25,16 @@ class SearchResult:
         return f"{self.path}:{self.line}" if self.kind == "text" else None
 
     def to_dict(self) -> dict:
-        base = {"rank": self.rank, "score": round(float(self.score), 6), "kind": self.kind, "id": self.id}
+        base = {"rank": self.rank, "score": round(float(self.score), 6)}
+        if self.confidence is not None:
+            base["confidence"] = round(float(self.confidence), 4)
+        base.update(kind=self.kind, id=self.id)
         if self.kind == "text":
             return {**base, "text": self.text, "source": self.source}
-        return {**base, "path": self.path}
+        out = {**base, "path": self.path}
+        if self.photo:
+            out["photo"] = dict(self.photo)
+        return out
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Tables:
             a text corpus has one item per document, `locator` = its line number
   failures  inputs that could not be read or decoded, with the reason (key: path, or
             path:line for one bad line of a corpus)
+  photos    per image file, what its EXIF says: date taken, camera make/model, GPS, pixel size
   meta      key/value: encoder spec, fingerprint, dim, generation
   migrations  the named schema migrations applied, in order
 
@@ -75,7 +76,20 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key")
 
 
-MIGRATIONS = [("m001_initial", m001_initial)]
+def m002_photo_meta(db: sqlite_utils.Database) -> None:
+    """What EXIF says about each image file (see photos.PhotoMeta). `taken_ns` is the date
+    taken in nanoseconds since the epoch, the camera's local time read as this machine's local
+    time (as the date filters read naive dates)."""
+    db.execute(
+        "CREATE TABLE photos (file_id INTEGER PRIMARY KEY REFERENCES files(id) ON DELETE CASCADE, "
+        "taken TEXT, taken_ns INTEGER, make TEXT, model TEXT, lat REAL, lon REAL, width INTEGER, height INTEGER)"
+    )
+    db["photos"].create_index(["taken_ns"])
+
+
+MIGRATIONS = [("m001_initial", m001_initial), ("m002_photo_meta", m002_photo_meta)]
+
+PHOTO_FIELDS = ("taken", "make", "model", "lat", "lon", "width", "height")
 
 
 class Store:
@@ -171,8 +185,50 @@ class Store:
     def delete_file(self, file_id: int) -> list[int]:
         """Remove a file and its items; returns the removed item ids."""
         ids = self.delete_items_of(file_id)
+        self.db.execute("DELETE FROM photos WHERE file_id = ?", [file_id])
         self.db.execute("DELETE FROM files WHERE id = ?", [file_id])
         return ids
+
+    # -- photo facts (EXIF) ---------------------------------------------------------------------
+    def set_photo_meta(self, file_id: int, meta) -> None:
+        """Record a photos.PhotoMeta for a file (replacing what was there)."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO photos(file_id, taken, taken_ns, make, model, lat, lon, width, height) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [file_id, meta.taken, meta.taken_ns, meta.make, meta.model, meta.lat, meta.lon, meta.width, meta.height],
+        )
+
+    def files_without_photo_meta(self) -> set[int]:
+        """Ids of image files with no photos row (indexed before EXIF was recorded)."""
+        cur = self.db.execute("SELECT f.id FROM files f LEFT JOIN photos p ON p.file_id = f.id WHERE f.kind = 'image' AND p.file_id IS NULL")
+        return {r[0] for r in cur}
+
+    def photo_meta_of(self, item_ids: Iterable[int]) -> dict[int, dict]:
+        """Item id -> its file's recorded EXIF facts (only the known ones)."""
+        ids = [int(i) for i in item_ids]
+        out: dict[int, dict] = {}
+        for start in range(0, len(ids), 900):
+            part = ids[start : start + 900]
+            marks = ",".join("?" * len(part))
+            cur = self.db.execute(
+                f"SELECT items.id, {', '.join('p.' + f for f in PHOTO_FIELDS)} FROM items "
+                f"JOIN photos p ON p.file_id = items.file_id WHERE items.id IN ({marks})",
+                part,
+            )
+            for row in cur:
+                out[row[0]] = {k: v for k, v in zip(PHOTO_FIELDS, row[1:]) if v is not None}
+        return out
+
+    def photo_summary(self) -> dict:
+        """How many image files have a date, a camera, a position; the cameras by count."""
+        n, dated, located = self.db.execute(
+            "SELECT COUNT(*), COUNT(taken_ns), COUNT(lat) FROM photos"
+        ).fetchone()
+        cams = self.db.execute(
+            "SELECT TRIM(COALESCE(make, '') || ' ' || COALESCE(model, '')) AS c, COUNT(*) FROM photos "
+            "WHERE make IS NOT NULL OR model IS NOT NULL GROUP BY c ORDER BY COUNT(*) DESC, c LIMIT 20"
+        ).fetchall()
+        return {"with_exif_facts": n, "with_date": dated, "with_gps": located, "cameras": {c: k for c, k in cams}}
 
     def item_counts_by_file(self) -> dict[int, int]:
         return dict(self.db.execute("SELECT file_id, COUNT(*) FROM items GROUP BY file_id").fetchall())
@@ -252,6 +308,18 @@ class Store:
             ids,
         )
         return {r[0]: {"id": r[0], "kind": r[1], "locator": r[2], "text": r[3], "path": from_db(r[4])} for r in cur}
+
+    def file_hashes(self, ids: Iterable[int]) -> dict[int, str | None]:
+        """Item id -> the content hash of its file."""
+        ids = [int(i) for i in ids]
+        out: dict[int, str | None] = {}
+        for start in range(0, len(ids), 900):
+            part = ids[start : start + 900]
+            marks = ",".join("?" * len(part))
+            out.update(self.db.execute(
+                f"SELECT items.id, files.hash FROM items JOIN files ON files.id = items.file_id WHERE items.id IN ({marks})", part
+            ).fetchall())
+        return out
 
     def counts(self) -> dict[str, int]:
         out = {"image": 0, "text": 0}

@@ -46,11 +46,11 @@ def test_index_query_classify_info_json(tmp_path):
     assert r.exit_code == 0, r.stderr
     rows = jsonl(r.stdout)
     assert [x["rank"] for x in rows] == [1, 2, 3]
-    assert all(set(x) == {"rank", "score", "kind", "id", "path"} and x["kind"] == "image" for x in rows)
+    assert all(set(x) == {"rank", "score", "confidence", "kind", "id", "path", "photo"} and x["kind"] == "image" for x in rows)
     r = invoke("query", "a cat on a sofa", "--kind", "text", "--json")
     rows = jsonl(r.stdout)
     assert rows[0]["text"] == "a cat on a sofa" and rows[0]["source"].endswith("notes.txt:1")
-    assert set(rows[0]) == {"rank", "score", "kind", "id", "text", "source"}
+    assert set(rows[0]) == {"rank", "score", "confidence", "kind", "id", "text", "source"}
     img = tmp_path / "photos" / "img001.jpg"
     r = invoke("query", "--image", img, "-k", "1", "--json")
     assert jsonl(r.stdout)[0]["path"] == str(img)
@@ -97,7 +97,7 @@ def test_index_option_name_vs_path(tmp_path):
         (["index", ".", "--model", "nonsense-model"], 1, "unknown model spec"),
         (["index", ".", "--model", "open_clip:ViT-B-32@nope"], 1, "unknown pretrained tag"),
         (["index", ".", "--model", "open_clip:ViT-B-32@laion2b_s34b_b79k"], 1, "cannot be reached"),
-        (["query"], 2, "exactly one"),
+        (["query"], 2, "give query TEXT"),
     ],
 )
 def test_errors_are_one_line(tmp_path, args, code, message):

@@ -183,7 +183,7 @@ def test_disk_full_stops_with_one_line_and_a_rerun_completes(tmp_path, reference
     inputs = _corpus(tmp_path)
     bundle = tmp_path / "bundle"
     make_images(tmp_path / "p", 60, start=N_IMAGES)  # more than the limit lets meta.db hold
-    proc = _child("none", bundle, inputs, preexec_fn=_file_size_limit(120_000))
+    proc = _child("none", bundle, inputs, preexec_fn=_file_size_limit(200_000))
     out, err = proc.communicate(timeout=120)
     lines = [ln for ln in err.splitlines() if not ln.startswith("warning:")]
     assert proc.returncode == 1 and len(lines) == 1, err

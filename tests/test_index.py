@@ -58,11 +58,11 @@ def test_add_and_search_every_direction(tmp_path):
     res = idx.search(imgs[2], k=3)
     assert [r.rank for r in res] == [1, 2, 3]
     assert res[0].path == str(imgs[2]) and res[0].score == pytest.approx(1.0, abs=1e-4)
-    assert res[0].to_dict().keys() == {"rank", "score", "kind", "id", "path"}
+    assert res[0].to_dict().keys() == {"rank", "score", "confidence", "kind", "id", "path", "photo"}
     # text -> text: an exact document finds itself
     res = idx.search("the quick brown fox", k=2, kind="text")
     assert res[0].text == "the quick brown fox" and res[0].source == f"{corpus}:3"
-    assert res[0].to_dict().keys() == {"rank", "score", "kind", "id", "text", "source"}
+    assert res[0].to_dict().keys() == {"rank", "score", "confidence", "kind", "id", "text", "source"}
     # text -> image and image -> text return items of the asked kind, scores descending
     for query, kind in [("a photo", "image"), (Image.open(imgs[0]), "text")]:
         res = idx.search(query, k=10, kind=kind)
