@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .encoders.base import as_numpy
 from .errors import ModelMismatchError, UsageError, require
 from .pipeline import Decoded, Job, decode_job
 
@@ -61,7 +62,7 @@ def decode_batch(batch: dict[str, np.ndarray], draft_size: int, transform) -> di
         status.append(d.status)
         hashes.append(d.hash or "")
         reasons.append(d.reason or "")
-        pixels.append(np.ascontiguousarray(d.tensor.numpy(), dtype=np.float32).tobytes() if d.tensor is not None else b"")
+        pixels.append(as_numpy(d.tensor).tobytes() if d.tensor is not None else b"")  # (torch or numpy preprocessing)
         seconds.append(time.perf_counter() - t0)
     return {
         "i": np.asarray(batch["i"], dtype=np.int64),

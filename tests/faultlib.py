@@ -145,6 +145,9 @@ def main(argv: list[str]) -> None:
     moment, sep, *rest = argv
     if sep != "--":
         raise SystemExit("usage: faultlib.py MOMENT -- SEARCHKIT-ARGS...")
+    # Ctrl-C as in a terminal: a child inherits an ignored SIGINT from its parent (a test
+    # process whose earlier tests ran servers may have one), and Python then never raises
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     arm(moment)
     from searchkit.cli.main import app
 
