@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import storage_error
+from .machine import pid_alive
 
 LOG = logging.getLogger(__name__)
 
@@ -132,16 +133,6 @@ def temp_pid(name: str) -> int | None | bool:
     return int(pid) if pid else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def remove_leftovers(folder: str | os.PathLike) -> list[str]:
     """Remove the temporaries that killed writers left in a bundle folder (call it holding the
     writer lock); returns their names."""
@@ -152,7 +143,7 @@ def remove_leftovers(folder: str | os.PathLike) -> list[str]:
         return removed
     for entry in entries:
         pid = temp_pid(entry.name)
-        if pid is False or pid == os.getpid() or (pid is not None and _alive(pid)):
+        if pid is False or pid == os.getpid() or (pid is not None and pid_alive(pid)):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):

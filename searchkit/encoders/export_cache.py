@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..fsutil import fsync_dir, fsync_file
+from ..machine import pid_alive
 
 LOG = logging.getLogger(__name__)
 
@@ -126,16 +127,6 @@ def remove_dead_temporaries(folder: Path) -> None:
         if not (e.name.startswith(".") and len(parts) >= 3 and parts[1].isdigit()):
             continue
         pid = int(parts[1])
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         shutil.rmtree(e.path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
