@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
+from .figures import save_figure
 
 
 @dataclass
@@ -139,8 +140,4 @@ def plot_fewshot(report: FewShotReport, path: str | os.PathLike, title: str = ""
     ax.set(xlabel="examples per class", ylabel="accuracy %", title=title, ylim=(0, 100))
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, UsageError
+from .figures import save_figure
 
 LOG = logging.getLogger(__name__)
 
@@ -303,8 +304,4 @@ def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: str | os.
                 ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if share[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..figures import save_figure
+
 
 def plot_history(history: Sequence, path: str | Path) -> Path:
     """Two panels (training loss; validation R@1/R@10 both ways and mean) written to `path`."""
@@ -23,8 +25,4 @@ def plot_history(history: Sequence, path: str | Path) -> Path:
     ax_rec.legend(fontsize=8)
     for ax in (ax_loss, ax_rec):
         ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
