@@ -3,7 +3,7 @@
 Each label's text embedding is the mean of the normalized embeddings of its prompts (one per
 template), normalized again; image embeddings are compared with these by cosine, scaled by the
 encoder's logit scale, and a softmax gives the probabilities. An encoder may bring its own
-scorer (`zeroshot_scorer(labels, templates)`): mini adds its image tower's ImageNet classifier
+scorer (`zeroshot_scorer(labels, templates, text_encoder=None)`): mini adds its image tower's ImageNet classifier
 (encoders/conse_zeroshot.py).
 """
 
@@ -72,11 +72,11 @@ def probabilities(image_emb: np.ndarray, label_emb: np.ndarray, logit_scale: flo
 
 def label_scorer(encoder, labels: Sequence[str], templates: Sequence[str], text_encoder=None):
     """A function from RGB PIL images to (n, n_labels) label probabilities: the encoder's own
-    zero-shot scorer when it has one (it embeds the prompts with its own text tower, whose raw
-    features it needs), else the nearest label prompt, the prompts embedded by `text_encoder`
-    (default `encoder`)."""
+    zero-shot scorer when it has one (it needs its text tower's pre-head features: from
+    `text_encoder` when that has them, else from its own), else the nearest label prompt, the
+    prompts embedded by `text_encoder` (default `encoder`)."""
     own = getattr(encoder, "zeroshot_scorer", None)
-    scorer = own(labels, templates) if own is not None else None
+    scorer = own(labels, templates, text_encoder=text_encoder) if own is not None else None
     if scorer is not None:
         return scorer
     text_emb = label_embeddings(text_encoder or encoder, labels, templates)

@@ -85,7 +85,7 @@ def test_mini_classify_mixes_the_heads_with_the_tower_classifier(tmp_path):
     for r, row in zip(got, want):
         np.testing.assert_allclose([r.scores[lab] for lab in labels], row, atol=1e-4)
         assert r.label == labels[int(row.argmax())]
-    assert isinstance(ConSEZeroShot(enc, labels, DEFAULT_TEMPLATES).weights, np.ndarray)
+    assert isinstance(ConSEZeroShot.for_encoder(getattr(enc, "torch_encoder", lambda: enc)(), labels, DEFAULT_TEMPLATES).weights, np.ndarray)
 
     # eval zeroshot scores the same way: one folder per label, each holding all three images
     from searchkit.evaluate import evaluate_zeroshot

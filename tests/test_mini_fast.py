@@ -86,3 +86,43 @@ def test_shipped_conse_prompts_are_what_minilm_computes():
     from searchkit.encoders.towers import conse_class_text
 
     np.testing.assert_allclose(load_class_text(MINI_DIR).numpy(), conse_class_text("cpu").numpy(), atol=1e-6)
+
+
+def test_cold_mini_classify_is_torch_free_and_scores_as_the_torch_model(tmp_path, monkeypatch):
+    """The image export carries the tower's class probabilities and the text export its pre-head
+    features, so ConSE zero-shot runs on ONNX Runtime alone, with the torch model's figures."""
+    from searchkit.encoders import export_cache, onnx_image
+    from searchkit.encoders.mini import load_mini
+    from searchkit.encoders.onnx import OnnxTextEncoder
+    from searchkit.images import load_image
+    from searchkit.zeroshot import DEFAULT_TEMPLATES
+
+    monkeypatch.setenv("SEARCHKIT_TEXT_ONNX", "1")
+    paths = make_images(tmp_path / "imgs", 3)
+    with searchkit.open_index("m", create=True, model="mini") as idx:
+        idx.add([tmp_path / "imgs"])  # leaves text-onnx/ in the bundle
+    bundle = tmp_path / "indexes" / "m"
+    torch_enc = load_mini("", "cpu")
+    onnx_enc = onnx_image.load(torch_enc.fingerprint, lambda: torch_enc)  # exported now unless cached
+    folder = export_cache.lookup(onnx_image.KIND, torch_enc.fingerprint)
+    assert isinstance(onnx_enc, onnx_image.OnnxImageEncoder) and (folder / "class_names.safetensors").is_file()
+    text = OnnxTextEncoder(bundle / "text-onnx")
+    assert text.has_text_features
+    labels = ["daisy", "sports car", "tabby cat"]
+    images = [load_image(p, draft_size=torch_enc.image_size) for p in paths]
+    want = torch_enc.zeroshot_scorer(labels, DEFAULT_TEMPLATES)(images)
+    got = onnx_enc.zeroshot_scorer(labels, DEFAULT_TEMPLATES, text_encoder=text)(images)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+    code = (
+        "import sys; from searchkit.cli.main import app\n"
+        f"try:\n    app(['classify', {str(paths[1])!r}, '--index', 'm', '--labels', {','.join(labels)!r}, '--json'])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('LOADED', *(m in sys.modules for m in ('torch', 'transformers', 'timm')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    row = json.loads(lines[0])
+    np.testing.assert_allclose([row["scores"][lab] for lab in labels], want[1], atol=1e-4)
+    assert lines[-1] == "LOADED False False False"

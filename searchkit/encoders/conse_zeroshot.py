@@ -20,7 +20,7 @@ plain setting that helps both over the best of either (docs/mini.md lists the gr
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,39 +72,68 @@ def mixed_probabilities(head_logits: np.ndarray, scores: np.ndarray, beta: float
     return (p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
+def label_text_features(text_features: Callable[[list[str]], np.ndarray], labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """Each label's prompt-ensemble embedding in the text tower's own (pre-head) space, as unit
+    rows: `text_features(prompts)` gives the tower's unit-length features."""
+    prompts = [t.replace("{}", label) for label in labels for t in templates]
+    raw = np.asarray(text_features(prompts), np.float32).reshape(len(labels), len(templates), -1)
+    raw = (raw / np.linalg.norm(raw, axis=-1, keepdims=True).clip(1e-12)).mean(1)
+    return raw / np.linalg.norm(raw, axis=-1, keepdims=True).clip(1e-12)
+
+
 class ConSEZeroShot:
     """The mixed scorer for one label set: `probabilities(images) -> (n, n_labels)`.
 
-    `encoder` is a `DualEncoder` whose image tower has an ImageNet classifier (`class_logits`).
+    Built from the labels' head embeddings and pre-head text features, the class names' text
+    embeddings, and `image_outputs(images) -> (unit embeddings, ImageNet class probabilities)`;
+    `for_encoder` makes one from a torch `DualEncoder`, the ONNX image export another
+    (encoders/onnx_image.py), so the two paths cannot drift apart.
     """
 
-    def __init__(self, encoder: Any, labels: Sequence[str], templates: Sequence[str]):
-        import torch
+    def __init__(self, label_emb: np.ndarray, label_raw: np.ndarray, names: tuple[np.ndarray, np.ndarray],
+                 logit_scale: float, image_outputs: Callable[[Sequence[Any]], tuple[np.ndarray, np.ndarray]]):
+        name_text, name_class = names
+        self.label_emb = label_emb
+        self.weights = class_weights(label_raw, name_text, name_class, int(name_class.max()) + 1)
+        self.logit_scale = logit_scale
+        self.image_outputs = image_outputs
 
+    @classmethod
+    def for_encoder(cls, encoder: Any, labels: Sequence[str], templates: Sequence[str]) -> ConSEZeroShot:
+        """`encoder` is a `DualEncoder` whose image tower has an ImageNet classifier (`class_logits`)."""
         from ..zeroshot import label_embeddings
 
-        self.encoder = encoder
-        self.label_emb = label_embeddings(encoder, labels, templates)
-        prompts = [t.replace("{}", label) for label in labels for t in templates]
-        raw = encoder.text_tower.features(prompts).float().reshape(len(labels), len(templates), -1)
-        raw = torch.nn.functional.normalize(torch.nn.functional.normalize(raw, dim=-1).mean(1), dim=-1)
-        name_text, name_class = class_name_text(encoder)
-        self.weights = class_weights(raw.numpy(), name_text, name_class, int(name_class.max()) + 1)
+        def text_features(prompts):
+            return encoder.text_tower.features(prompts).float().cpu().numpy()
+
+        def image_outputs(images):
+            import torch
+
+            from .base import l2_normalize
+
+            tower = encoder.image_tower
+            batch = torch.stack([encoder.preprocess(img) for img in images])
+            with torch.no_grad():
+                raw = tower.raw_features(batch)
+                emb = l2_normalize(encoder.heads.image(tower.derive(raw)))
+                return emb, tower.class_logits(raw).float().softmax(-1).cpu().numpy()
+
+        return cls(label_embeddings(encoder, labels, templates), label_text_features(text_features, labels, templates),
+                   class_name_text(encoder), encoder.logit_scale, image_outputs)
 
     def probabilities(self, images: Sequence[Any]) -> np.ndarray:
         """Label probabilities for RGB PIL images."""
-        import torch
-
-        from .base import l2_normalize
-
-        enc, tower = self.encoder, self.encoder.image_tower
-        batch = torch.stack([enc.preprocess(img) for img in images])
-        with torch.no_grad():
-            raw = tower.raw_features(batch)
-            emb = l2_normalize(enc.heads.image(tower.derive(raw)))
-            class_probs = tower.class_logits(raw).float().softmax(-1).cpu().numpy()
-        head_logits = enc.logit_scale * (emb @ self.label_emb.T)
+        emb, class_probs = self.image_outputs(images)
+        head_logits = self.logit_scale * (emb @ self.label_emb.T)
         return mixed_probabilities(head_logits, tower_scores(class_probs, self.weights))
+
+
+def load_class_names(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A NAMES_FILE: (names' prompt embeddings (n, d) float32, each name's class (n,))."""
+    from safetensors.numpy import load_file
+
+    state = load_file(str(path))
+    return state["text"].astype(np.float32), state["class"].astype(np.int64)
 
 
 def class_name_text(encoder: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -115,10 +144,7 @@ def class_name_text(encoder: Any) -> tuple[np.ndarray, np.ndarray]:
         return cached
     path = Path(encoder.folder) / NAMES_FILE
     if path.is_file():
-        from safetensors.numpy import load_file
-
-        state = load_file(str(path))
-        cached = state["text"].astype(np.float32), state["class"].astype(np.int64)
+        cached = load_class_names(path)
     else:
         cached = embed_class_names(encoder.text_tower)
     encoder._class_name_text = cached

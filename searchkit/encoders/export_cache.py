@@ -30,7 +30,7 @@ from ..machine import pid_alive
 LOG = logging.getLogger(__name__)
 
 #: bump when an export's format or exporter changes (old entries are then ignored)
-VERSION = 2  # 2: trained dual encoders (mini) gained a text export
+VERSION = 3  # 2: trained dual encoders (mini) gained a text export; 3: and ConSE outputs (zero-shot without torch)
 
 
 def cache_dir() -> Path:

@@ -308,14 +308,15 @@ class DualEncoder(Encoder):
         with torch.no_grad():
             return l2_normalize(self.heads.text(self.text_tower.features(texts)))
 
-    def zeroshot_scorer(self, labels, templates):
+    def zeroshot_scorer(self, labels, templates, text_encoder=None):
         """With an EfficientNet-Lite tower, zero-shot also uses its ImageNet classifier
-        (encoders/conse_zeroshot.py); None elsewhere (the nearest-prompt recipe applies)."""
+        (encoders/conse_zeroshot.py); None elsewhere (the nearest-prompt recipe applies).
+        `text_encoder` is not needed here: this torch model has its own text tower."""
         if not self.config["image_tower"].startswith("efficientnet"):
             return None
         from .conse_zeroshot import ConSEZeroShot
 
-        return ConSEZeroShot(self, labels, templates).probabilities
+        return ConSEZeroShot.for_encoder(self, labels, templates).probabilities
 
     def image_module(self) -> torch.nn.Module:
         """One module from a preprocessed NCHW batch to normalized embeddings (for ONNX export):
@@ -323,6 +324,16 @@ class DualEncoder(Encoder):
         from .nets import Embedder
 
         return Embedder(self.image_tower.module(), self.heads.image)
+
+    def image_module_with_classes(self) -> torch.nn.Module | None:
+        """Pixels to (embeddings, ImageNet class probabilities) for an EfficientNet-Lite tower
+        (the ONNX export then serves `zeroshot_scorer` without torch); None for other towers."""
+        if not self.config["image_tower"].startswith("efficientnet"):
+            return None
+        from .nets import EmbedderWithClasses
+
+        tower = self.image_tower
+        return EmbedderWithClasses(tower.network, tower.derive_module(), self.heads.image)
 
 
 def load_class_text(folder: Path):

@@ -4,7 +4,9 @@
 MiniLM, and writes the same folder layout as for open_clip, read by the same `OnnxTextEncoder`:
 
   text.onnx        token ids (zero-padded, [PAD] is 0) -> MiniLM -> mean pooling over the
-                   non-padding tokens -> unit length -> the checkpoint's text head
+                   non-padding tokens -> unit length -> the checkpoint's text head ("embeds"),
+                   and the unit-length pooled features themselves ("features", what ConSE
+                   zero-shot compares with the class names)
   tokenizer.json   MiniLM's WordPiece tokenizer (the `tokenizers` form of the one the torch path
                    uses, truncating at the tower's max length), so no transformers at query time
   meta.json        fingerprint, dim, context length, and `clean: none` (no CLIP text cleaning)
@@ -45,7 +47,8 @@ def _text_module(enc):
             hidden = self.bert(input_ids=tokens, attention_mask=mask).last_hidden_state
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-            return self.head(F.normalize(pooled.float(), dim=-1))
+            features = F.normalize(pooled.float(), dim=-1)
+            return self.head(features), features
 
     return MiniText().eval()
 
@@ -74,8 +77,8 @@ def export_minilm_text_model(enc, folder: Path) -> None:
                 (example,),
                 str(tmp / "text.onnx"),
                 input_names=["tokens"],
-                output_names=["embeds"],
-                dynamic_axes={"tokens": {0: "batch", 1: "length"}, "embeds": {0: "batch"}},
+                output_names=["embeds", "features"],  # features: the tower's, for ConSE zero-shot
+                dynamic_axes={"tokens": {0: "batch", 1: "length"}, "embeds": {0: "batch"}, "features": {0: "batch"}},
                 opset_version=17,
                 dynamo=False,
             )

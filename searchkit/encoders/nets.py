@@ -65,6 +65,22 @@ class Embedder(nn.Module):
         return F.normalize(self.head(self.features(pixels)), dim=-1)
 
 
+class EmbedderWithClasses(nn.Module):
+    """One pass of an EfficientNet tower to (the final embedding, its ImageNet classifier's
+    class probabilities): what ConSE-style zero-shot needs, as one ONNX graph."""
+
+    def __init__(self, model: nn.Module, derive: nn.Module | None, head: nn.Module):
+        super().__init__()
+        self.model = model
+        self.derive = derive if derive is not None else nn.Identity()
+        self.head = head
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.model.forward_head(self.model.forward_features(pixels), pre_logits=True).float()
+        emb = F.normalize(self.head(self.derive(pooled)), dim=-1)
+        return emb, self.model.get_classifier()(pooled).softmax(-1)
+
+
 @dataclass
 class TowerCut:
     """A tower network cut at the input of its last `blocks` blocks."""

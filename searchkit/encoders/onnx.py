@@ -90,7 +90,8 @@ def build_clip_tokenizer(simple_tokenizer):
 
 
 def _export(
-    module, example, path: Path, input_name: str, dynamic: dict[int, tuple[str, int, int]], *, trace: bool = False
+    module, example, path: Path, input_name: str, dynamic: dict[int, tuple[str, int, int]], *, trace: bool = False,
+    outputs: tuple[str, ...] = ("embeds",),
 ) -> None:
     """ONNX export with the named dynamic dimensions (dim: (name, min, max)).
 
@@ -114,14 +115,14 @@ def _export(
             if trace:
                 warnings.simplefilter("ignore")  # tracer and deprecation warnings about a known-good trace
                 torch.onnx.export(
-                    module, (example,), str(path), input_names=[input_name], output_names=["embeds"],
+                    module, (example,), str(path), input_names=[input_name], output_names=list(outputs),
                     dynamic_axes={input_name: {axis: name for axis, (name, _, _) in dynamic.items()}},
                     dynamo=False, opset_version=17,
                 )
             else:
                 dims = {axis: torch.export.Dim(name, min=lo, max=hi) for axis, (name, lo, hi) in dynamic.items()}
                 torch.onnx.export(
-                    module, (example,), str(path), input_names=[input_name], output_names=["embeds"],
+                    module, (example,), str(path), input_names=[input_name], output_names=list(outputs),
                     dynamic_shapes=(dims,), dynamo=True, opset_version=18,
                 )
     finally:
@@ -211,12 +212,24 @@ class OnnxTextEncoder:
         return out
 
     def encode_texts(self, texts) -> np.ndarray:
+        return self._run(texts, ["embeds"])[0]
+
+    @property
+    def has_text_features(self) -> bool:
+        """Whether the export also gives the tower's pre-head features (mini's does, for ConSE)."""
+        return "features" in {o.name for o in self.session.get_outputs()}
+
+    def text_features(self, texts) -> np.ndarray:
+        """The text tower's unit-length features before the head (needs `has_text_features`)."""
+        return self._run(texts, ["features"])[0]
+
+    def _run(self, texts, outputs: list[str]) -> list[np.ndarray]:
         texts = list(texts)
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return [np.zeros((0, self.dim), dtype=np.float32) for _ in outputs]
         tokens = self.tokenize(texts)
         length = int((tokens != 0).sum(axis=1).max())
-        return _normalize(self.session.run(None, {"tokens": tokens[:, :length]})[0])
+        return [_normalize(x) for x in self.session.run(outputs, {"tokens": tokens[:, :length]})]
 
 
 class Int8ImageEncoder(Encoder):

@@ -28,10 +28,12 @@ from .base import Encoder, as_numpy
 LOG = logging.getLogger(__name__)
 
 KIND = "image-onnx"
+#: the export's second output for towers with an ImageNet classifier (mini's EfficientNet-Lite)
+CLASS_OUTPUT = "class_probs"
 #: specs measured slower on ONNX Runtime than on torch (bench/index_throughput.py); none so
 #: far: ViT-B-32 and mini's EfficientNet-Lite0 both run faster there (README, Performance)
 SLOWER_ON_ONNX: frozenset[str] = frozenset()
-_OWN = frozenset({"_base", "_load_base", "_lock", "_text", "_pre", "_fingerprint"})
+_OWN = frozenset({"_base", "_load_base", "_lock", "_text", "_pre", "_fingerprint", "_folder", "_outputs"})
 _RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values
 
 
@@ -108,12 +110,23 @@ def export_image_tower(base: Encoder, out: Path) -> bool:
 
     from .onnx import _export
 
-    module = base.image_module().cpu().eval()
+    # a tower with its own ImageNet classifier also exports its class probabilities, and the
+    # class names' text embeddings go beside it: ConSE zero-shot then needs no torch
+    with_classes = getattr(base, "image_module_with_classes", lambda: None)()
+    module = (with_classes or base.image_module()).cpu().eval()
+    outputs = ("embeds", CLASS_OUTPUT) if with_classes is not None else ("embeds",)
     try:
         example = torch.zeros(2, 3, base.image_size, base.image_size)
-        _export(module, example, out / "image.onnx", "pixels", {0: ("batch", 1, 4096)}, trace=True)
+        _export(module, example, out / "image.onnx", "pixels", {0: ("batch", 1, 4096)}, trace=True, outputs=outputs)
     finally:
         module.to(base.device)
+    if with_classes is not None:
+        from .conse_zeroshot import NAMES_FILE, class_name_text
+
+        from safetensors.numpy import save_file
+
+        name_text, name_class = class_name_text(base)
+        save_file({"text": name_text.astype(np.float16), "class": name_class}, str(out / NAMES_FILE))
     meta = {
         "fingerprint": base.fingerprint,
         "spec": base.spec,
@@ -123,6 +136,7 @@ def export_image_tower(base: Encoder, out: Path) -> bool:
         "text_batch_size": base.text_batch_size,
         "int8_op_types": list(getattr(base, "int8_op_types", None) or []) or None,
         "preprocess": pre.params(),
+        "outputs": list(outputs),
     }
     (out / "meta.json").write_text(json.dumps(meta))
     return True
@@ -165,6 +179,8 @@ class OnnxImageEncoder(Encoder):
         self.device = "cpu"
         self._pre = Preprocess(**meta["preprocess"])
         self.session = _session(Path(folder) / "image.onnx")
+        self._folder = Path(folder)
+        self._outputs = tuple(meta.get("outputs") or ("embeds",))
         self._load_base, self._base = load_base, base
         self._text = None
         self._lock = threading.Lock()
@@ -198,8 +214,30 @@ class OnnxImageEncoder(Encoder):
         return self._pre
 
     def encode_image_tensors(self, batch) -> np.ndarray:
-        out = self.session.run(None, {"pixels": as_numpy(batch)})[0]
-        return np.ascontiguousarray(out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12), dtype=np.float32)
+        out = self.session.run(["embeds"], {"pixels": as_numpy(batch)})[0]
+        return _unit(out)
+
+    def zeroshot_scorer(self, labels, templates, text_encoder=None):
+        """ConSE zero-shot from the export alone when it has the class output and a text export
+        with the tower's features is at hand (`text_encoder`, else the cached one); otherwise
+        whatever the torch model does (None: the nearest-prompt recipe). An export without the
+        class output comes from a model that has no such scorer, so torch is never built for it."""
+        if CLASS_OUTPUT not in self._outputs:
+            return None
+        from .conse_zeroshot import NAMES_FILE, ConSEZeroShot, load_class_names, label_text_features
+        from ..zeroshot import label_embeddings
+
+        text = text_encoder if getattr(text_encoder, "has_text_features", False) else self._text_encoder()
+        if not getattr(text, "has_text_features", False):
+            return self.torch_encoder().zeroshot_scorer(labels, templates)
+
+        def image_outputs(images):
+            batch = np.stack([self._pre(img) for img in images])
+            emb, probs = self.session.run(["embeds", CLASS_OUTPUT], {"pixels": batch})
+            return _unit(emb), np.asarray(probs, np.float32)
+
+        return ConSEZeroShot(label_embeddings(text, labels, templates), label_text_features(text.text_features, labels, templates),
+                             load_class_names(self._folder / NAMES_FILE), self.logit_scale, image_outputs).probabilities
 
     def _text_encoder(self):
         if self._text is None:
@@ -217,3 +255,7 @@ class OnnxImageEncoder(Encoder):
 
     def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
         return self._text_encoder().encode_texts(texts)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12), dtype=np.float32)
