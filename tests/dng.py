@@ -1,5 +1,5 @@
-"""Write a real, minimal DNG file: IFD0 the full-size JPEG preview (as Adobe's converter lays
-it out, with the DNG and camera tags and the EXIF block), its SubIFD the raw image, a tiny
+"""Write a real, minimal DNG file: IFD0 the JPEG preview (where Adobe's converter puts a
+preview, with the DNG and camera tags and the EXIF block), its SubIFD the raw image, a tiny
 uncompressed 16-bit RGGB Bayer mosaic. LibRaw reads it as a DNG and returns the preview
 unchanged from `extract_thumb()`; Pillow reads its tags as a TIFF.
 """
@@ -13,8 +13,7 @@ import numpy as np
 from PIL import Image
 
 BYTE, ASCII, SHORT, LONG, RATIONAL, SRATIONAL = 1, 2, 3, 4, 5, 10
-_SIZE = {BYTE: 1, ASCII: 1, SHORT: 2, LONG: 4, RATIONAL: 8, SRATIONAL: 8}
-_FMT = {BYTE: "B", SHORT: "H", LONG: "I", RATIONAL: "II", SRATIONAL: "ii"}
+_FMT = {BYTE: "B", SHORT: "H", LONG: "I", RATIONAL: "I", SRATIONAL: "i"}  # a rational: two of them
 
 
 def _rationals(values, denominator=10_000):
@@ -47,7 +46,7 @@ class _Tiff:
             return value.encode() + b"\x00"
         if isinstance(value, bytes):
             return value
-        return struct.pack("<" + _FMT[typ][0] * len(value), *value)
+        return struct.pack("<" + _FMT[typ] * len(value), *value)
 
     def tobytes(self, links: dict[tuple[int, int], object]) -> bytes:
         """`links[(ifd, tag)]`: an IFD index or bytes placed in the data area; the entry (type
@@ -80,7 +79,8 @@ class _Tiff:
 
 
 def bayer(preview: Image.Image, width: int = 64, height: int = 48) -> np.ndarray:
-    """An RGGB mosaic of the preview (16-bit), so the raw pixels look like the photo."""
+    """An RGGB mosaic of the preview (16-bit), so the raw pixels look like the photo (LibRaw
+    refuses raw images under 22 pixels a side)."""
     rgb = np.asarray(preview.convert("RGB").resize((width, height)), dtype=np.uint16) * 257
     out = np.empty((height, width), dtype=np.uint16)
     out[0::2, 0::2] = rgb[0::2, 0::2, 0]
