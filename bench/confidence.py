@@ -76,14 +76,11 @@ def main() -> None:
         print(f"captions embedded at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         sample = idx._searcher.bulk_sample("image")
         feats = {"fit": ([], []), "eval": []}
-        dump = {"scores": [], "own": [], "mu": [], "sigma": [], "in_index": [], "fit": []}
         for (img, _), v in zip(queries, q):
             res = idx.search(v, k=10)
             scores = np.array([r.score for r in res])
             own = np.array([Path(r.path).name == img for r in res])
             mu, sigma = bulk_stats(v, sample)
-            for key, val in zip(dump, (scores, own, mu, sigma, img in inside, img in fit_images)):
-                dump[key].append(val)
             x = Calibration(0, 0, feature=args.feature).feature_of(scores, mu, sigma, float(scores.mean()))
             if img in fit_images:  # the top result: what "no good match" is about
                 feats["fit"][0].append(x[0])
@@ -91,8 +88,6 @@ def main() -> None:
             else:
                 feats["eval"].append((img in inside, scores[0], x[0], bool(own[0]), scores[0] - scores[1]))
         idx.close()
-        if args.keep:  # every query's top-10 scores and bulk statistics, to compare features offline
-            np.savez(root / f"{bundle.name}.queries.npz", **{k: np.array(v) for k, v in dump.items()})
     a, b = fit_logistic(np.array(feats["fit"][0]), np.array(feats["fit"][1]))
     cal = Calibration(a, b, feature=args.feature)
     ev = feats["eval"]

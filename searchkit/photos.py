@@ -52,7 +52,11 @@ def raw_preview(data: bytes) -> bytes:
         with rawpy.imread(io.BytesIO(data)) as raw:
             thumb = raw.extract_thumb()
     except (rawpy.LibRawError, ValueError, OSError) as e:
-        raise DecodeError(f"cannot read RAW file: {type(e).__name__}: {e}") from e
+        detail = e.args[0] if e.args else ""
+        if isinstance(detail, bytes):  # LibRaw's messages come as bytes
+            detail = detail.decode("utf-8", "replace")
+        detail = str(detail).splitlines()[0] if str(detail).strip() else "unreadable"
+        raise DecodeError(f"cannot read RAW file: {type(e).__name__}: {detail}") from e
     if thumb.format != rawpy.ThumbFormat.JPEG:
         raise DecodeError("RAW file has no embedded JPEG preview")
     return bytes(thumb.data)

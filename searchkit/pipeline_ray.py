@@ -4,7 +4,8 @@ Planning and writing are the local engine's (`pipeline._Run`), so the bundle, it
 behaviour and its crash safety do not depend on the engine. Only the middle differs:
 
     jobs -> ray.data.from_items -> map_batches(decode_batch)     CPU tasks: read, hash,
-                                                                  draft-decode, preprocess
+                                                                  draft-decode, preprocess,
+                                                                  read the EXIF facts
                                 -> map_batches(EncoderActor)     actor pool; each actor loads
                                                                   the encoder once (GPU if asked)
                                 -> iter_batches on the driver    -> _Run.commit_images, one
@@ -22,6 +23,7 @@ URLs (`s3://...`, `gs://...`, read through pyarrow's filesystems, see `remote.py
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -33,6 +35,7 @@ import numpy as np
 
 from .encoders.base import as_numpy
 from .errors import ModelMismatchError, UsageError, require
+from .photos import PhotoMeta
 from .pipeline import Decoded, Job, decode_job
 
 LOG = logging.getLogger(__name__)
@@ -51,18 +54,20 @@ def _import_ray():
 
 
 def decode_batch(batch: dict[str, np.ndarray], draft_size: int, transform) -> dict[str, np.ndarray]:
-    """Ray task body: a batch of job rows -> decode results with the preprocessed pixels as bytes."""
+    """Ray task body: a batch of job rows -> decode results with the preprocessed pixels as bytes
+    and the EXIF facts as JSON ("" when none were read)."""
     n = len(batch["i"])
-    status, hashes, reasons, pixels, seconds = [], [], [], [], []
+    status, hashes, reasons, pixels, metas, seconds = [], [], [], [], [], []
     for k in range(n):
         t0 = time.perf_counter()
         row_hash = batch["row_hash"][k]
         job = Job(str(batch["path"][k]), "image", 0, 0, {"hash": row_hash} if row_hash else None, batch["known_hash"][k] or None)
-        d = decode_job(job, draft_size, transform)
+        d = decode_job(job, draft_size, transform, backfill=bool(batch["backfill"][k]))
         status.append(d.status)
         hashes.append(d.hash or "")
         reasons.append(d.reason or "")
         pixels.append(as_numpy(d.tensor).tobytes() if d.tensor is not None else b"")  # (torch or numpy preprocessing)
+        metas.append(json.dumps(d.meta.to_dict()) if d.meta is not None else "")
         seconds.append(time.perf_counter() - t0)
     return {
         "i": np.asarray(batch["i"], dtype=np.int64),
@@ -70,6 +75,7 @@ def decode_batch(batch: dict[str, np.ndarray], draft_size: int, transform) -> di
         "hash": np.asarray(hashes, dtype=object),
         "reason": np.asarray(reasons, dtype=object),
         "pixels": np.asarray(pixels, dtype=object),
+        "meta": np.asarray(metas, dtype=object),
         "decode_s": np.asarray(seconds, dtype=np.float64),
     }
 
@@ -110,7 +116,7 @@ class EncoderActor:
                 [torch.from_numpy(np.frombuffer(b, dtype=np.float32).reshape(self.shape)) for b in batch["pixels"][ok]]
             )
             vecs[ok] = self.enc.encode_image_tensors(tensors)
-        out = {k: batch[k] for k in ("i", "status", "hash", "reason", "decode_s")}
+        out = {k: batch[k] for k in ("i", "status", "hash", "reason", "meta", "decode_s")}
         out["vector"] = vecs
         out["encode_s"] = np.full(n, (time.perf_counter() - t0) / max(1, n))
         return out
@@ -228,8 +234,10 @@ class RayEngine:
         import ray.data
 
         enc = run.idx.encoder
+        no_meta = run.store.files_without_photo_meta()  # unchanged files whose EXIF was never read
         rows = [
-            {"i": i, "path": j.path, "known_hash": j.known_hash or "", "row_hash": (j.row or {}).get("hash") or ""}
+            {"i": i, "path": j.path, "known_hash": j.known_hash or "", "row_hash": (j.row or {}).get("hash") or "",
+             "backfill": j.row is not None and j.row["id"] in no_meta}
             for i, j in enumerate(jobs)
         ]
         per_block = max(1, min(self.decode_batch, batch_size))
@@ -248,8 +256,8 @@ class RayEngine:
             self.cluster_times["decode"] += float(np.sum(batch["decode_s"]))
             self.cluster_times["encode"] += float(np.sum(batch["encode_s"]))
             pending = [
-                Decoded(jobs[int(i)], str(s), str(h) or None, None, str(r) or None)
-                for i, s, h, r in zip(batch["i"], batch["status"], batch["hash"], batch["reason"])
+                Decoded(jobs[int(i)], str(s), str(h) or None, None, str(r) or None, PhotoMeta(**json.loads(m)) if m else None)
+                for i, s, h, r, m in zip(batch["i"], batch["status"], batch["hash"], batch["reason"], batch["meta"])
             ]
             ok = np.asarray([d.status == "ok" for d in pending], dtype=bool)
             run.commit_images(pending, np.asarray(batch["vector"], dtype=np.float32)[ok] if ok.any() else None)

@@ -1,5 +1,6 @@
 """Photo libraries: HEIC and AVIF files, EXIF facts in meta.db (and their migration), the
---taken-after/--taken-before/--camera/--near pre-filters, RAW files with and without rawpy."""
+--taken-after/--taken-before/--camera/--near pre-filters, RAW files (real DNGs, tests/dng.py)
+with and without rawpy."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from searchkit.cli.main import app
 from searchkit.errors import UsageError
 from searchkit.filters import Filter
 from tests import fakes
+from tests.dng import write_dng
 
 PARIS = (48.8584, 2.2945)
 LYON = (45.7640, 4.8357)
@@ -141,22 +143,88 @@ def test_migration_and_backfill_of_an_older_bundle(library):
         assert again.unchanged == 4
 
 
-def test_raw_files(tmp_path, monkeypatch):
+def stored_vectors(idx) -> dict[str, np.ndarray]:
+    ids, vecs = next(idx.store.iter_vectors("image", idx.dim))
+    rows = idx.store.item_rows(ids)
+    return {os.path.basename(rows[int(i)]["path"]): v for i, v in zip(ids, vecs)}
+
+
+def a_photo(seed: int, size=(48, 36)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (3, 4, 3), dtype=np.uint8)  # smooth blocks: JPEG keeps them
+    return Image.fromarray(small).resize(size, Image.BILINEAR)
+
+
+def test_dng_helper_writes_a_dng_libraw_reads():
+    rawpy = pytest.importorskip("rawpy")
+    import io
+
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sk-dng-{os.getpid()}.dng")
+    try:
+        jpeg = write_dng(path, a_photo(0))
+        with rawpy.imread(path) as raw:
+            assert (raw.sizes.raw_width, raw.sizes.raw_height) == (64, 48) and raw.color_desc == b"RGBG"
+            assert raw.postprocess().shape == (48, 64, 3)  # the CFA image itself demosaics
+            thumb = raw.extract_thumb()
+        assert thumb.format == rawpy.ThumbFormat.JPEG
+        # LibRaw may prepend an EXIF segment; the JPEG's pixels are the preview's
+        got, want = (np.asarray(Image.open(io.BytesIO(b))) for b in (bytes(thumb.data), jpeg))
+        assert got.shape == want.shape and np.array_equal(got, want)
+    finally:
+        os.unlink(path)
+
+
+def test_raw_files_indexed_by_their_embedded_preview(tmp_path):
+    pytest.importorskip("rawpy")
     lib = tmp_path / "raw"
     lib.mkdir()
-    (lib / "broken.dng").write_bytes(b"II*\x00" + bytes(200))
+    jpeg = write_dng(lib / "IMG_0001.dng", a_photo(1), make="Searchkit", model="RAW-1", taken="2021:07:14 18:02:03")
+    (tmp_path / "preview.jpg").write_bytes(jpeg)  # the same preview as a plain JPEG
+    write_dng(lib / "IMG_0002.dng", a_photo(2), make="Other", model="Cam")
+    with open_index("raw", create=True, model=fakes.SPEC) as idx:
+        s = idx.add([lib, tmp_path / "preview.jpg"])
+        assert (s.added, s.failed) == (3, 0), idx.failures()
+        vecs = stored_vectors(idx)
+        assert np.allclose(vecs["IMG_0001.dng"], vecs["preview.jpg"], atol=1e-5)
+        assert not np.allclose(vecs["IMG_0001.dng"], vecs["IMG_0002.dng"], atol=1e-2)
+        # the RAW file's own EXIF: camera and date; the pixel size is the preview's
+        hit = {os.path.basename(r.path): r for r in idx.search("red", k=3)}["IMG_0001.dng"]
+        assert hit.photo == {"taken": "2021-07-14T18:02:03", "make": "Searchkit", "model": "RAW-1", "width": 48, "height": 36}
+        assert paths(idx.search("red", k=3, where={"camera": "raw-1"})) == ["IMG_0001.dng"]
+
+
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # Pillow, reading the cut file's tags
+def test_corrupt_raw_file_is_a_one_line_failure(tmp_path):
+    pytest.importorskip("rawpy")
+    lib = tmp_path / "raw"
+    lib.mkdir()
+    (lib / "garbage.dng").write_bytes(b"II*\x00" + bytes(200))
+    whole = (tmp_path / "whole.dng")
+    write_dng(whole, a_photo(3))
+    (lib / "truncated.nef").write_bytes(whole.read_bytes()[:300])  # inside the IFDs: no preview left
     Image.new("RGB", (20, 20), (1, 2, 3)).save(lib / "ok.jpg")
     with open_index("raw", create=True, model=fakes.SPEC) as idx:
         s = idx.add([lib])
-        assert s.added == 1 and s.failed == 1
-        reason = idx.failures()[0]["reason"]
-    pytest.importorskip("rawpy")
-    assert "cannot read RAW file" in reason or "no embedded JPEG preview" in reason
-    monkeypatch.setitem(sys.modules, "rawpy", None)  # rawpy not installed
-    (lib / "broken.dng").write_bytes(b"II*\x00" + bytes(201))  # changed: read again
-    with open_index("raw", create=True) as idx:
-        idx.add([lib])
-        assert "install the raw extra" in idx.failures()[0]["reason"]
+        assert (s.added, s.failed) == (1, 2)
+        reasons = {os.path.basename(f["path"]): f["reason"] for f in idx.failures()}
+    assert set(reasons) == {"garbage.dng", "truncated.nef"}
+    assert reasons["garbage.dng"].startswith("cannot read RAW file: LibRawFileUnsupportedError: Unsupported file format")
+    for reason in reasons.values():
+        assert "\n" not in reason and "b'" not in reason and ("cannot read RAW file" in reason or "no embedded JPEG preview" in reason), reason
+
+
+def test_raw_file_without_rawpy_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rawpy", None)  # as if rawpy were not installed
+    lib = tmp_path / "raw"
+    lib.mkdir()
+    write_dng(lib / "IMG_0001.dng", a_photo(4))
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(lib / "ok.jpg")
+    with open_index("raw", create=True, model=fakes.SPEC) as idx:
+        s = idx.add([lib])
+        assert (s.added, s.failed) == (1, 1)
+        (failure,) = idx.failures()
+    assert failure["path"].endswith("IMG_0001.dng")
+    assert "\n" not in failure["reason"] and "install the raw extra" in failure["reason"] and "searchkit[raw]" in failure["reason"]
 
 
 def test_exif_date_and_gps_edge_cases():

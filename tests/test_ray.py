@@ -141,6 +141,62 @@ def test_ray_engine_reruns_moves_and_deletions_like_the_local_engine(tmp_path, l
     assert _counts(unchanged) == (0, 0, 12, 0, 0, 12)
 
 
+def _exif(taken: str, make: str, model: str, gps: tuple[float, float] | None = None, orientation: int | None = None) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = make, model
+    if orientation:
+        exif[0x0112] = orientation
+    exif.get_ifd(0x8769)[0x9003] = taken  # DateTimeOriginal
+    if gps:
+        g = exif.get_ifd(0x8825)
+        g[1], g[2] = ("N" if gps[0] >= 0 else "S"), (float(int(abs(gps[0]))), float(round(abs(gps[0]) % 1 * 60, 4)), 0.0)
+        g[3], g[4] = ("E" if gps[1] >= 0 else "W"), (float(int(abs(gps[1]))), float(round(abs(gps[1]) % 1 * 60, 4)), 0.0)
+    return exif.tobytes()
+
+
+def _photo_facts(bundle: Path) -> dict[str, tuple]:
+    conn = sqlite3.connect(bundle / "meta.db")
+    try:
+        rows = conn.execute(
+            "SELECT f.path, p.taken, p.taken_ns, p.make, p.model, p.lat, p.lon, p.width, p.height "
+            "FROM photos p JOIN files f ON f.id = p.file_id"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {os.path.basename(r[0]): r[1:] for r in rows}
+
+
+@needs_ray
+def test_ray_engine_records_the_same_exif_facts_as_the_local_engine(tmp_path, local_ray):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    noise_image(1).save(photos / "paris.jpg", exif=_exif("2023:06:01 14:30:05", "Apple", "iPhone 14 Pro", (48.8584, 2.2945), orientation=6))
+    noise_image(2).save(photos / "lyon.jpg", exif=_exif("2022:12:24 09:00:00", "Canon", "Canon EOS R5", (-45.764, -4.8357)))
+    noise_image(3, size=(40, 30)).save(photos / "plain.png")  # no EXIF: only its pixel size
+    (photos / "broken.jpg").write_bytes(b"junk")
+    facts = {}
+    for engine in ("local", "ray"):
+        assert _index(tmp_path / engine, [photos], engine)[0].failed == 1
+        facts[engine] = _photo_facts(tmp_path / engine)
+    assert facts["ray"] == facts["local"]
+    local = facts["local"]
+    assert set(local) == {"paris.jpg", "lyon.jpg", "plain.png"}
+    assert local["paris.jpg"][0] == "2023-06-01T14:30:05" and local["paris.jpg"][2:4] == ("Apple", "iPhone 14 Pro")
+    assert local["paris.jpg"][6:] == (48, 64)  # orientation 6: displayed portrait
+    assert local["lyon.jpg"][3] == "EOS R5" and local["lyon.jpg"][4] == pytest.approx(-45.764, abs=1e-3) and local["lyon.jpg"][5] < 0
+    assert local["plain.png"] == (None, None, None, None, None, None, 40, 30)
+    # a bundle indexed before EXIF facts were recorded: the ray engine reads them once, re-encoding nothing
+    conn = sqlite3.connect(tmp_path / "ray" / "meta.db")
+    conn.execute("DELETE FROM photos")
+    conn.commit()
+    conn.close()
+    again = _index(tmp_path / "ray", [photos], "ray")[0]
+    assert (again.added, again.updated, again.unchanged) == (0, 0, 3)
+    assert _photo_facts(tmp_path / "ray") == local
+
+
 @needs_ray
 def test_killed_ray_driver_loses_only_batches_in_flight_and_a_local_rerun_completes(tmp_path, local_ray):
     photos = tmp_path / "photos"
