@@ -26,6 +26,9 @@ serve.register(app)
 
 
 def main() -> None:
+    from searchkit.machine import bound_heap_growth
+
+    bound_heap_growth()
     app()
 
 
