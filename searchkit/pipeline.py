@@ -203,8 +203,11 @@ class _Run:
         enc = self.idx.encoder
         no_meta = self.store.files_without_photo_meta()
 
+        # decoded images wait for their batch in the encoder's compact form where it has one
+        preprocess = getattr(enc, "preprocess_compact", enc.preprocess)
+
         def decode(job: Job) -> Decoded:
-            return decode_job(job, enc.image_size, enc.preprocess, backfill=job.row is not None and job.row["id"] in no_meta)
+            return decode_job(job, enc.image_size, preprocess, backfill=job.row is not None and job.row["id"] in no_meta)
 
         pending: list[Decoded] = []
         n_ok = 0

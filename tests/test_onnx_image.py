@@ -44,6 +44,13 @@ def test_onnx_image_tower_matches_torch_and_is_cached(tiny_torch, tmp_path):
     a, b = enc.encode_images(paths), tiny_torch.encode_images(paths)
     assert a.dtype == np.float32 and a.shape == b.shape
     assert (a * b).sum(axis=1).min() >= 0.9999
+    # the index pipeline's compact (uint8) decode form gives the very same embeddings
+    from searchkit.images import load_image
+
+    imgs = [load_image(p, draft_size=enc.image_size) for p in paths]
+    compact = np.stack([enc.preprocess_compact(im) for im in imgs])
+    assert compact.dtype == np.uint8 and compact.shape == (7, enc.image_size, enc.image_size, 3)
+    np.testing.assert_array_equal(enc.encode_image_tensors(compact), enc.encode_image_tensors(np.stack([enc.preprocess(im) for im in imgs])))
     # a second build finds the entry instead of exporting again
     assert export_cache.build(KIND, tiny_torch.fingerprint, lambda tmp: pytest.fail("exported twice")) == folder
 

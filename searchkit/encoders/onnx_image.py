@@ -55,6 +55,17 @@ class Preprocess:
                 "mean": self.mean.ravel().tolist(), "std": self.std.ravel().tolist()}
 
     def __call__(self, image) -> np.ndarray:
+        """The model's CHW float32 input for one image."""
+        return self.normalize(self.crop_uint8(image)[None])[0]
+
+    def normalize(self, batch: np.ndarray) -> np.ndarray:
+        """NHWC uint8 crops (`crop_uint8`) to the model's NCHW float32 input."""
+        x = batch.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+        return np.ascontiguousarray((x - self.mean) / self.std)
+
+    def crop_uint8(self, image) -> np.ndarray:
+        """The resized, centre-cropped HWC uint8 pixels: a quarter of the float input's bytes,
+        so decoded images wait for their batch in this form."""
         w, h = image.size
         short, long = (w, h) if w <= h else (h, w)
         if short != self.size:  # torchvision: the short side to `size`, the long one truncated
@@ -70,8 +81,7 @@ class Preprocess:
             image, (w, h) = canvas, canvas.size
         top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
         image = image.crop((left, top, left + c, top + c))
-        x = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
-        return np.ascontiguousarray((x - self.mean) / self.std)
+        return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
 def preprocess_of(transform) -> Preprocess | None:
@@ -178,7 +188,7 @@ class OnnxImageEncoder(Encoder):
         self.int8_op_types = tuple(meta["int8_op_types"]) if meta.get("int8_op_types") else None
         self.device = "cpu"
         self._pre = Preprocess(**meta["preprocess"])
-        self.session = _session(Path(folder) / "image.onnx")
+        self.session = _session(Path(folder) / "image.onnx", mem_pattern=False)
         self._folder = Path(folder)
         self._outputs = tuple(meta.get("outputs") or ("embeds",))
         self._load_base, self._base = load_base, base
@@ -213,7 +223,14 @@ class OnnxImageEncoder(Encoder):
     def image_transform(self) -> Preprocess:
         return self._pre
 
+    def preprocess_compact(self, image) -> np.ndarray:
+        """`preprocess` as HWC uint8 (see `Preprocess.crop_uint8`); `encode_image_tensors`
+        takes a stack of these as well as float NCHW batches."""
+        return self._pre.crop_uint8(image)
+
     def encode_image_tensors(self, batch) -> np.ndarray:
+        if isinstance(batch, np.ndarray) and batch.dtype == np.uint8:
+            batch = self._pre.normalize(batch)
         out = self.session.run(["embeds"], {"pixels": as_numpy(batch)})[0]
         return _unit(out)
 
