@@ -33,7 +33,8 @@ CLASS_OUTPUT = "class_probs"
 #: specs measured slower on ONNX Runtime than on torch (bench/index_throughput.py); none so
 #: far: ViT-B-32 and mini's EfficientNet-Lite0 both run faster there (README, Performance)
 SLOWER_ON_ONNX: frozenset[str] = frozenset()
-_OWN = frozenset({"_base", "_load_base", "_lock", "_text", "_pre", "_fingerprint", "_folder", "_outputs"})
+_OWN = frozenset({"_base", "_load_base", "_lock", "_text", "_pre", "_fingerprint", "_folder", "_outputs", "_session",
+                  "_session_error", "_loader"})
 _RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values
 
 
@@ -181,8 +182,6 @@ class OnnxImageEncoder(Encoder):
     image_batch_size = 8
 
     def __init__(self, folder: Path, load_base: Callable[[], Encoder], base: Encoder | None = None):
-        from .onnx import _session
-
         meta = json.loads((Path(folder) / "meta.json").read_text())
         self.spec: str = meta["spec"]
         self._fingerprint: str = meta["fingerprint"]
@@ -192,12 +191,36 @@ class OnnxImageEncoder(Encoder):
         self.int8_op_types = tuple(meta["int8_op_types"]) if meta.get("int8_op_types") else None
         self.device = "cpu"
         self._pre = Preprocess(**meta["preprocess"])
-        self.session = _session(Path(folder) / "image.onnx", mem_pattern=False)
+        # the session (1-1.6 s of one core for ViT-B-32) loads in the background: an index run
+        # decodes its first photos meanwhile, from meta.json's size and preprocessing alone
+        self._session, self._session_error = None, None
+        self._loader: threading.Thread | None = threading.Thread(
+            target=self._load_session, args=(Path(folder) / "image.onnx",), name="searchkit-onnx-load"
+        )
+        self._loader.start()
         self._folder = Path(folder)
         self._outputs = tuple(meta.get("outputs") or ("embeds",))
         self._load_base, self._base = load_base, base
         self._text = None
         self._lock = threading.Lock()
+
+    def _load_session(self, path: Path) -> None:
+        from .onnx import _session
+
+        try:
+            self._session = _session(path, mem_pattern=False)
+        except BaseException as e:  # raised where the session is first needed
+            self._session_error = e
+
+    @property
+    def session(self):
+        loader = self._loader
+        if loader is not None:
+            loader.join()
+            self._loader = None
+        if self._session_error is not None:
+            raise self._session_error
+        return self._session
 
     @property
     def fingerprint(self) -> str:
