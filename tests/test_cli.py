@@ -182,3 +182,16 @@ def test_wheel_ships_cli_inside_the_package(tmp_path):
     assert "searchkit/cli/main.py" in names and "searchkit/py.typed" in names
     assert not any(n.startswith("cli/") for n in names)
     assert {"searchkit/serve/static/index.html", "searchkit/serve/static/app.js", "searchkit/serve/static/style.css"} <= set(names)
+
+
+def test_the_store_does_not_drag_pandas_in():
+    """sqlite-utils would import pandas (present with Ray's extra) at ~0.7 s and ~70 MB of every
+    command; the store hides it while sqlite-utils loads, and pandas still imports afterwards."""
+    code = (
+        "import sys, importlib.util; import searchkit.store\n"
+        "print('pandas' in sys.modules)\n"
+        "if importlib.util.find_spec('pandas'):\n    import pandas; print(pandas.DataFrame({'a': [1]}).shape)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "False"
