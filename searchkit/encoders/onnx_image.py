@@ -132,9 +132,9 @@ def export_image_tower(base: Encoder, out: Path) -> bool:
     finally:
         module.to(base.device)
     if with_classes is not None:
-        from .conse_zeroshot import NAMES_FILE, class_name_text
-
         from safetensors.numpy import save_file
+
+        from .conse_zeroshot import NAMES_FILE, class_name_text
 
         name_text, name_class = class_name_text(base)
         save_file({"text": name_text.astype(np.float16), "class": name_class}, str(out / NAMES_FILE))
@@ -268,8 +268,8 @@ class OnnxImageEncoder(Encoder):
         class output comes from a model that has no such scorer, so torch is never built for it."""
         if CLASS_OUTPUT not in self._outputs:
             return None
-        from .conse_zeroshot import NAMES_FILE, ConSEZeroShot, load_class_names, label_text_features
         from ..zeroshot import label_embeddings
+        from .conse_zeroshot import NAMES_FILE, ConSEZeroShot, label_text_features, load_class_names
 
         text = text_encoder if getattr(text_encoder, "has_text_features", False) else self._text_encoder()
         if not getattr(text, "has_text_features", False):
