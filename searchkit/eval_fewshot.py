@@ -88,7 +88,7 @@ def evaluate_fewshot(
 ) -> FewShotReport:
     """Few-shot accuracy on a folder of class sub-folders; writes an accuracy-vs-shots PNG if `plot`."""
     from .evaluate import _as_encoder, class_folders
-    from .fewshot import FewShotClassifier
+    from .fewshot import FewShotClassifier, feature_scale
     from .zeroshot import check_templates, label_embeddings
 
     shots = parse_shots(shots)
@@ -102,6 +102,7 @@ def evaluate_fewshot(
     emb, feats, ok, failed = embed_folder(encoder, paths)
     truth = truth_all[ok]
     text = label_embeddings(encoder, labels, check_templates(templates))
+    scale = feature_scale(encoder, feats.shape[1])
     zero = 100.0 * float(((emb @ text.T).argmax(1) == truth).mean())
     by_class = [np.flatnonzero(truth == c) for c in range(len(labels))]
     out: dict[int, dict[str, float]] = {}
@@ -112,7 +113,7 @@ def evaluate_fewshot(
             support = np.concatenate([rng.choice(ix, min(k, len(ix) - 1), replace=False) for ix in by_class]).astype(np.int64)
             query = np.setdiff1d(np.arange(len(truth)), support)
             clf = FewShotClassifier.from_embeddings(
-                labels, text, emb[support], feats[support], truth[support], encoder.logit_scale, encoder.fingerprint
+                labels, text, emb[support], feats[support], truth[support], encoder.logit_scale, encoder.fingerprint, scale
             )
             accs.append(100.0 * float((clf.logits(emb[query], feats[query]).argmax(1) == truth[query]).mean()))
         a = np.asarray(accs)
