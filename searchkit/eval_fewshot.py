@@ -3,8 +3,9 @@
 For each shot count k and each of `draws` random draws, k images per class (at most all but one
 of the class) become the examples of a `FewShotClassifier`, and accuracy is measured on every
 other image. Every image is embedded once (through the few-shot example cache), so a draw costs
-only the fit of a small linear probe. Zero-shot accuracy on all images is
-the 0-shot point of the curve.
+only the fit of a small linear probe. Zero-shot accuracy on all images, scored as
+`classify` without examples scores them (`evaluate_zeroshot`: for mini with its tower's ImageNet
+classifier), is the 0-shot point of the curve.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def evaluate_fewshot(
     plot: str | os.PathLike | None = None,
 ) -> FewShotReport:
     """Few-shot accuracy on a folder of class sub-folders; writes an accuracy-vs-shots PNG if `plot`."""
-    from .evaluate import _as_encoder, class_folders
+    from .evaluate import _as_encoder, class_folders, evaluate_zeroshot
     from .fewshot import FewShotClassifier, feature_scale
     from .zeroshot import check_templates, label_embeddings
 
@@ -103,7 +104,7 @@ def evaluate_fewshot(
     truth = truth_all[ok]
     text = label_embeddings(encoder, labels, check_templates(templates))
     scale = feature_scale(encoder, feats.shape[1])
-    zero = 100.0 * float(((emb @ text.T).argmax(1) == truth).mean())
+    zero = evaluate_zeroshot(encoder, root, templates=templates).top1
     by_class = [np.flatnonzero(truth == c) for c in range(len(labels))]
     out: dict[int, dict[str, float]] = {}
     for k in shots:
