@@ -9,8 +9,17 @@ method is fitted on the examples and scored on the other images:
   proto-mix        each label's text prototype mixed with its examples' mean embedding (weight n/(n+1))
   tip-cache        a Tip-Adapter-style cache over the features, alpha and beta by leave-one-out
   probe            a linear probe on the features alone (no text)
-  probe+text       the library's: the probe with the zero-shot logits as its prior
-Prints one JSON object: mean accuracy (%) per method and shot count.
+  probe+text       the probe with the zero-shot logits as its prior (shipped until centring)
+  c-sup+text-shrink  SimpleShot centring on the examples' mean, l2normalize(features - mean),
+                   then probe+text with the prior weighted 1/(1+k) at k shots
+  c-head+text      centred on the image head's training mean instead (mini's torch features are
+                   l2normalize((x - mean) / std); times std, renormalized: l2normalize(x - mean)),
+                   prior 1; .5: prior at a fixed 0.5; only where `feature_scale` applies
+  shipped          what `FewShotClassifier.from_embeddings` does: c-head where it applies,
+                   features as they are elsewhere, prior 1/(1+k)
+Prints one JSON object: mean accuracy (%) per method and shot count. On CPU, mini's image tower
+runs on ONNX Runtime, whose few-shot features are the embeddings; SEARCHKIT_IMAGE_ONNX=0 keeps
+the torch tower and its own features.
 """
 
 from __future__ import annotations
@@ -48,11 +57,21 @@ def tip_cache(emb_s, f_s, y_s, text, scale, emb_q, f_q, n):
     return emb_q @ text.T + alpha * np.exp(-beta * (1 - f_q @ f_s.T)) @ onehot
 
 
+def probe_text(emb_s, f_s, y_s, emb_q, f_q, text, s, n, prior=1.0, mean=None):
+    """probe+text, its features centred on `mean` first (None: as they are)."""
+    from searchkit.fewshot import PROBE_SCALE, fit_probe
+
+    if mean is not None:
+        f_s, f_q = norm(f_s - mean), norm(f_q - mean)
+    w = fit_probe(prior * s * emb_s @ text.T, f_s, y_s, n)
+    return prior * s * emb_q @ text.T + PROBE_SCALE * f_q @ w.T
+
+
 def main() -> None:
     from searchkit.encoders import get_encoder
     from searchkit.eval_fewshot import embed_folder, parse_shots
     from searchkit.evaluate import class_folders
-    from searchkit.fewshot import PROBE_SCALE, fit_probe
+    from searchkit.fewshot import FewShotClassifier, feature_scale, fit_probe
     from searchkit.zeroshot import DEFAULT_TEMPLATES, label_embeddings
 
     ap = argparse.ArgumentParser()
@@ -70,6 +89,8 @@ def main() -> None:
     truth = truth[ok]
     text = label_embeddings(enc, labels, DEFAULT_TEMPLATES)
     s, n = enc.logit_scale, len(labels)
+    std = feature_scale(enc, feats.shape[1])
+    k_now = {"k": 1}
     methods = {
         "zeroshot": lambda es, fs, ys, eq, fq: eq @ text.T,
         "proto-mix": lambda es, fs, ys, eq, fq: eq @ norm(np.stack([
@@ -77,11 +98,17 @@ def main() -> None:
         ])).T,
         "tip-cache": lambda es, fs, ys, eq, fq: tip_cache(es, fs, ys, text, s, eq, fq, n),
         "probe": lambda es, fs, ys, eq, fq: fq @ fit_probe(np.zeros((len(ys), n)), fs, ys, n).T,
-        "probe+text": lambda es, fs, ys, eq, fq: s * eq @ text.T + PROBE_SCALE * fq @ fit_probe(s * es @ text.T, fs, ys, n).T,
+        "probe+text": lambda es, fs, ys, eq, fq: probe_text(es, fs, ys, eq, fq, text, s, n),
+        "c-sup+text-shrink": lambda es, fs, ys, eq, fq: probe_text(es, fs, ys, eq, fq, text, s, n, 1 / (1 + k_now["k"]), fs.mean(0)),
+        "shipped": lambda es, fs, ys, eq, fq: FewShotClassifier.from_embeddings(labels, text, es, fs, ys, s, "", std).logits(eq, fq),
     }
+    if std is not None:
+        for name, prior in (("c-head+text", 1.0), ("c-head+text.5", 0.5)):
+            methods[name] = lambda es, fs, ys, eq, fq, p=prior: probe_text(es, norm(fs * std), ys, eq, norm(fq * std), text, s, n, p)
     by_class = [np.flatnonzero(truth == c) for c in range(n)]
     out = {m: {} for m in methods}
     for k in parse_shots(args.shots):
+        k_now["k"] = k
         accs = {m: [] for m in methods}
         for r in range(args.draws):
             rng = np.random.default_rng([0, k, r])  # the draws of `searchkit eval fewshot --seed 0`
@@ -92,7 +119,7 @@ def main() -> None:
                 accs[m].append(100.0 * float((z.argmax(1) == truth[q]).mean()))
         for m in methods:
             out[m][k] = round(float(np.mean(accs[m])), 1)
-    print(json.dumps({"benchmark": "fewshot", "folder": Path(args.folder).name, "model": enc.spec, "draws": args.draws, "accuracy": out}))
+    print(json.dumps({"benchmark": "fewshot", "folder": Path(args.folder).name, "model": enc.spec, "features": int(feats.shape[1]), "draws": args.draws, "accuracy": out}))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 For each shot count k and each of `draws` random draws, k images per class (at most all but one
 of the class) become the examples of a `FewShotClassifier`, and accuracy is measured on every
 other image. Every image is embedded once (through the few-shot example cache), so a draw costs
-only the fit of a small linear probe. Zero-shot accuracy on all images is
-the 0-shot point of the curve.
+only the fit of a small linear probe. Zero-shot accuracy on all images, scored as
+`classify` without examples scores them (`evaluate_zeroshot`: for mini with its tower's ImageNet
+classifier), is the 0-shot point of the curve.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def evaluate_fewshot(
     plot: str | os.PathLike | None = None,
 ) -> FewShotReport:
     """Few-shot accuracy on a folder of class sub-folders; writes an accuracy-vs-shots PNG if `plot`."""
-    from .evaluate import _as_encoder, class_folders
-    from .fewshot import FewShotClassifier
+    from .evaluate import _as_encoder, class_folders, evaluate_zeroshot
+    from .fewshot import FewShotClassifier, feature_scale
     from .zeroshot import check_templates, label_embeddings
 
     shots = parse_shots(shots)
@@ -102,7 +103,8 @@ def evaluate_fewshot(
     emb, feats, ok, failed = embed_folder(encoder, paths)
     truth = truth_all[ok]
     text = label_embeddings(encoder, labels, check_templates(templates))
-    zero = 100.0 * float(((emb @ text.T).argmax(1) == truth).mean())
+    scale = feature_scale(encoder, feats.shape[1])
+    zero = evaluate_zeroshot(encoder, root, templates=templates).top1
     by_class = [np.flatnonzero(truth == c) for c in range(len(labels))]
     out: dict[int, dict[str, float]] = {}
     for k in shots:
@@ -112,7 +114,7 @@ def evaluate_fewshot(
             support = np.concatenate([rng.choice(ix, min(k, len(ix) - 1), replace=False) for ix in by_class]).astype(np.int64)
             query = np.setdiff1d(np.arange(len(truth)), support)
             clf = FewShotClassifier.from_embeddings(
-                labels, text, emb[support], feats[support], truth[support], encoder.logit_scale, encoder.fingerprint
+                labels, text, emb[support], feats[support], truth[support], encoder.logit_scale, encoder.fingerprint, scale
             )
             accs.append(100.0 * float((clf.logits(emb[query], feats[query]).argmax(1) == truth[query]).mean()))
         a = np.asarray(accs)

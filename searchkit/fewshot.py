@@ -2,24 +2,24 @@
 
 `FewShotClassifier.fit(encoder, examples, labels)` embeds the examples (`DIR/<label>/*.jpg`, or a
 mapping label -> image paths) and trains a linear probe on their frozen image features with the
-zero-shot classifier as a prior: an image's logits are its zero-shot logits plus a learned
-linear function of its features,
+zero-shot classifier as a prior: an image's logits are its zero-shot logits, weighted down as
+examples grow, plus a learned linear function of its features,
 
-    logits = logit_scale * (e @ T.T) + PROBE_SCALE * (f @ W.T)
+    logits = prior(k) * logit_scale * (e @ T.T) + PROBE_SCALE * (g(f) @ W.T),   prior(k) = 1/(1+k)
 
-where e is the joint embedding, T the label prompts' embeddings, f the encoder's few-shot
-features (`Encoder.encode_images_with_features`: for `mini` and checkpoints the image tower's
-own features, which separate classes far better than the 256-d joint space; for open_clip the
-embedding itself). W starts at zero (the zero-shot classifier) and is fitted by full-batch Adam
-on the cross-entropy of the examples with a small L2 penalty, so one example per class already
-moves the decision and many examples can override a misleading label text.
+where e is the joint embedding, T the label prompts' embeddings, k the examples per label, f the
+encoder's few-shot features (`Encoder.encode_images_with_features`: for `mini` and checkpoints
+on torch the image tower's own features, which separate classes far better than the 256-d joint
+space; for open_clip and ONNX image towers the embedding itself) and g SimpleShot's centring
+where it applies: l2normalize(x - m), x the tower features, m the image head's training mean
+(`feature_scale`); g is the identity elsewhere. W starts at zero (the zero-shot classifier) and
+is fitted by full-batch Adam on the cross-entropy of the examples with a small L2 penalty.
 
 Chosen by `bench/fewshot.py` (the README's table) over a training-free cache model in the manner
-of Tip-Adapter (alpha, beta chosen by leave-one-out on the examples, which cannot work with one
-example per class) and over mixing each label's text prototype with its examples' mean: on
-flowers-dev and clothing-dev the probes were ahead at almost every shot count (16 shots on
-flowers: 78 % with the prior, 80 % without, 69 % for the cache model, 71 % for prototype mixing).
-The prior costs 1-4 points from two shots on but keeps labels without examples scored by text.
+of Tip-Adapter, mixing each label's text prototype with its examples' mean, the probe with or
+without an unweighted prior, and centring on the examples' own mean: on flowers-dev and
+clothing-dev (mini, torch tower) centring on the head's mean with the shrinking prior is ahead
+at 4 shots and more (16 shots: 82.9 % / 76.5 %, against 78.1 % / 73.4 % uncentred with prior 1).
 
 Example embeddings are cached per encoder fingerprint under `$SEARCHKIT_CACHE/fewshot/` keyed by
 path, size and mtime, so repeated calls only embed new or changed files. A classifier saves to
@@ -44,8 +44,40 @@ from .errors import InputError, ModelMismatchError, UsageError
 LOG = logging.getLogger(__name__)
 
 FORMAT = "searchkit.fewshot"
+#: saved-classifier format: 2 added the feature scale and the prior weight (a version-1 file
+#: reads as no scale, prior 1, which is exactly what it computed)
+VERSION = 2
+#: what the example cache holds per image; part of its key, so a change never mixes old rows in
+FEATURES_VERSION = 2
 #: the probe's logit multiplier (features are unit rows), its L2 penalty, Adam steps and rate
 PROBE_SCALE, PROBE_L2, PROBE_STEPS, PROBE_LR = 10.0, 1e-3, 300, 0.05
+
+
+def rescale(feats: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """Rows times `scale`, L2-normalized again (None: as they are)."""
+    if scale is None:
+        return np.asarray(feats, np.float32)
+    x = np.asarray(feats, np.float32) * np.asarray(scale, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+
+def feature_scale(encoder, dim: int) -> np.ndarray | None:
+    """The image head's training std when the encoder's features are its tower's, standardized
+    by the head (`DualEncoder` on torch): l2normalize(f * std) is then l2normalize(x - mean),
+    the tower features x centred on the head's training mean (SimpleShot's centring) without
+    the standardization, which bench/fewshot.py measured 2-5 points better at 16 shots.
+    None for every other encoder (open_clip, ONNX towers: their features are the embeddings)."""
+    head = getattr(vars(encoder).get("heads"), "image", None)  # vars: never builds a lazy torch model
+    std = getattr(head, "std", None)
+    if std is None or std.shape[0] != dim:
+        return None
+    return std.detach().cpu().numpy().astype(np.float32)
+
+
+def prior_weight(shots: float) -> float:
+    """Weight of the zero-shot logits with `shots` examples per label: 1/(1 + shots). The text
+    prior helps most at one shot and costs accuracy from two on (bench/fewshot.py)."""
+    return 1.0 / (1.0 + float(shots))
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -79,6 +111,8 @@ class FewShotClassifier:
     logit_scale: float
     fingerprint: str
     examples: int = 0
+    scale: np.ndarray | None = None  # (feature dim,) see `feature_scale`; None: features as they are
+    prior: float = 1.0  # weight of the zero-shot logits
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
@@ -101,21 +135,35 @@ class FewShotClassifier:
         targets = np.array([i for i, label in enumerate(labels) for _ in groups.get(label, [])], dtype=np.int64)
         emb, feats = embed_cached(encoder, paths)
         text = label_embeddings(encoder, labels, check_templates(templates))
-        clf = cls.from_embeddings(labels, text, emb, feats, targets, float(encoder.logit_scale), encoder.fingerprint)
+        clf = cls.from_embeddings(labels, text, emb, feats, targets, float(encoder.logit_scale), encoder.fingerprint,
+                                  scale=feature_scale(encoder, feats.shape[1]))
         LOG.info("few-shot: %d examples for %d labels", len(targets), len(labels))
         return clf
 
     @classmethod
-    def from_embeddings(cls, labels, text, emb, feats, targets, logit_scale: float, fingerprint: str) -> FewShotClassifier:
-        """A classifier from embeddings already computed (label prototypes, examples)."""
+    def from_embeddings(cls, labels, text, emb, feats, targets, logit_scale: float, fingerprint: str,
+                        scale: np.ndarray | None = None) -> FewShotClassifier:
+        """A classifier from embeddings already computed (label prototypes, examples): the
+        features through `rescale(feats, scale)`, the prior weighted by `prior_weight` of the
+        mean number of examples per label that has any."""
         text = np.asarray(text, np.float32)
-        zero = logit_scale * (np.asarray(emb, np.float32) @ text.T)
-        weights = fit_probe(zero, feats, np.asarray(targets, np.int64), len(labels))
-        return cls(list(labels), text, weights, float(logit_scale), fingerprint, int(len(targets)))
+        targets = np.asarray(targets, np.int64)
+        prior = prior_weight(len(targets) / max(1, len(np.unique(targets))))
+        zero = prior * logit_scale * (np.asarray(emb, np.float32) @ text.T)
+        weights = fit_probe(zero, rescale(feats, scale), targets, len(labels))
+        return cls(list(labels), text, weights, float(logit_scale), fingerprint, int(len(targets)), scale, prior)
 
     # -- applying ----------------------------------------------------------------------------
     def logits(self, emb: np.ndarray, feats: np.ndarray) -> np.ndarray:
-        return self.logit_scale * (np.asarray(emb, np.float32) @ self.text.T) + PROBE_SCALE * (np.asarray(feats, np.float32) @ self.weights.T)
+        feats = np.asarray(feats, np.float32)
+        if feats.ndim != 2 or feats.shape[1] != self.weights.shape[1]:
+            raise ModelMismatchError(
+                f"this classifier was fitted on {self.weights.shape[1]}-d features, these are "
+                f"{feats.shape[-1]}-d (another model or image-tower backend); fit it again with this one"
+            )
+        feats = rescale(feats, self.scale)
+        zero = self.logit_scale * (np.asarray(emb, np.float32) @ self.text.T)
+        return self.prior * zero + PROBE_SCALE * (feats @ self.weights.T)
 
     def probabilities(self, emb: np.ndarray, feats: np.ndarray) -> np.ndarray:
         return _softmax(self.logits(emb, feats))
@@ -131,12 +179,15 @@ class FewShotClassifier:
         from .fsutil import atomic_write
 
         path = Path(path)
-        meta = {"format": FORMAT, "labels": self.labels, "logit_scale": self.logit_scale,
-                "fingerprint": self.fingerprint, "examples": self.examples}
+        meta = {"format": FORMAT, "version": VERSION, "labels": self.labels, "logit_scale": self.logit_scale,
+                "fingerprint": self.fingerprint, "examples": self.examples, "prior": self.prior}
+        arrays = {"text": self.text, "weights": self.weights}
+        if self.scale is not None:
+            arrays["scale"] = self.scale
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                np.savez(f, text=self.text, weights=self.weights, meta=np.array(json.dumps(meta)))
+                np.savez(f, **arrays, meta=np.array(json.dumps(meta)))
 
         atomic_write(path, write)
         return path
@@ -148,7 +199,12 @@ class FewShotClassifier:
                 meta = json.loads(str(z["meta"]))
                 if meta.get("format") != FORMAT:
                     raise ValueError("not a searchkit few-shot classifier")
-                return cls(meta["labels"], z["text"], z["weights"], float(meta["logit_scale"]), meta["fingerprint"], int(meta["examples"]))
+                version = int(meta.get("version", 1))
+                if version > VERSION:
+                    raise ValueError(f"format version {version} is newer than this searchkit reads ({VERSION}); upgrade searchkit")
+                scale = z["scale"] if "scale" in z.files else None
+                return cls(meta["labels"], z["text"], z["weights"], float(meta["logit_scale"]), meta["fingerprint"],
+                           int(meta["examples"]), scale, float(meta.get("prior", 1.0)))  # version 1: prior 1
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"cannot read classifier {path}: {e}") from e
 
@@ -187,7 +243,10 @@ def embed_cached(encoder, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]
         except OSError as e:
             raise InputError(f"cannot read example {p}: {e.strerror}") from e
         keys.append(f"{p}|{st.st_size}|{st.st_mtime_ns}")
-    cache = cache_dir() / "fewshot" / (hashlib.sha256(encoder.fingerprint.encode()).hexdigest()[:16] + ".npz")
+    # the encoder's class is part of the key: one fingerprint's torch and ONNX image towers give
+    # different features (ONNX: the embeddings again), which must not share rows
+    key = f"{encoder.fingerprint}|{type(encoder).__name__}|features-v{FEATURES_VERSION}"
+    cache = cache_dir() / "fewshot" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
     known: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         with np.load(cache, allow_pickle=False) as z:

@@ -134,3 +134,99 @@ def test_eval_zeroshot_hundreds_of_classes_under_a_memory_cap(tmp_path):
     assert sum(rep["class_images"]) == 300
     assert (tmp_path / "o" / "zeroshot-many.png").read_bytes().startswith(b"\x89PNG")
     assert peak_mb < base_mb + 200, f"peak RSS {peak_mb} MB with 300 classes, {base_mb} MB with 3"
+
+
+def test_centring_and_prior_by_hand():
+    import torch
+
+    from searchkit.fewshot import feature_scale, prior_weight, rescale
+
+    # standardized features f = l2normalize((x - mean) / std) times std, renormalized, are
+    # l2normalize(x - mean): x = (3, 4), mean 0, std (1, 2): f = (3, 2)/|.|; rescaled (3, 4)/5
+    std = np.array([1.0, 2.0], np.float32)
+    f = np.array([[3.0, 2.0]]) / 13**0.5
+    np.testing.assert_allclose(rescale(f, std), [[0.6, 0.8]], atol=1e-6)
+    np.testing.assert_array_equal(rescale(f, None), f.astype(np.float32))
+    clf = FewShotClassifier(["a", "b"], np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), np.array([[1.0, 0.0], [0.0, 2.0]], np.float32),
+                            logit_scale=4.0, fingerprint="toy", scale=std, prior=0.5)
+    # image emb (.6,.8): zero-shot 4*(.6,.8) at weight .5; features rescaled (.6,.8): probe 10*(.6, 1.6)
+    np.testing.assert_allclose(clf.logits(np.array([[0.6, 0.8]]), f), [[1.2 + 6.0, 1.6 + 16.0]], atol=1e-5)
+    with pytest.raises(ModelMismatchError, match="2-d features, these are 3-d"):
+        clf.logits(np.array([[0.6, 0.8]]), np.ones((1, 3)))
+    assert prior_weight(1) == 0.5 and prior_weight(3) == 0.25
+
+    class Heads(torch.nn.Module):  # what DualEncoder holds: heads.image.std
+        def __init__(self):
+            super().__init__()
+            self.image = torch.nn.Module()
+            self.image.register_buffer("std", torch.tensor([1.0, 2.0]))
+
+    enc = ColorEncoder()
+    enc.heads = Heads()
+    np.testing.assert_array_equal(feature_scale(enc, 2), std)
+    assert feature_scale(enc, 3) is None and feature_scale(ColorEncoder(), 2) is None
+
+    # fitting: the prior weight follows the examples per label; the examples are fitted
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6], [0.6, 0.8]], np.float32)
+    feats = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]], np.float32)
+    fit = FewShotClassifier.from_embeddings(["a", "b"], clf.text, emb, feats, np.array([0, 1, 0, 1]), 4.0, "toy", std)
+    assert fit.prior == prior_weight(2) and fit.scale is std
+    assert (fit.logits(emb, feats).argmax(1) == [0, 1, 0, 1]).all()
+
+
+def test_saved_classifier_keeps_scale_and_prior_and_reads_version_1(tmp_path):
+    from searchkit.errors import InputError
+
+    rng = np.random.default_rng(0)
+    emb, feats = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    text = np.eye(3, 4, dtype=np.float32)
+    scale = rng.uniform(0.5, 2, 5).astype(np.float32)
+    clf = FewShotClassifier.from_embeddings(["a", "b", "c"], text, emb, feats, np.array([0, 0, 1, 1, 2, 2]), 10.0, "fp", scale)
+    back = FewShotClassifier.load(clf.save(tmp_path / "c.npz"))
+    np.testing.assert_array_equal(back.scale, scale)
+    assert back.prior == clf.prior == 1 / 3 and back.labels == clf.labels
+    np.testing.assert_array_equal(back.logits(emb, feats), clf.logits(emb, feats))
+    plain = FewShotClassifier.from_embeddings(["a", "b", "c"], text, emb, feats, np.array([0, 0, 1, 1, 2, 2]), 10.0, "fp")
+    assert FewShotClassifier.load(plain.save(tmp_path / "p.npz")).scale is None
+
+    # a version-1 file (no scale, prior 1) reads back as what it computed
+    meta = {"format": "searchkit.fewshot", "labels": ["a", "b", "c"], "logit_scale": 10.0, "fingerprint": "fp", "examples": 6}
+    np.savez(tmp_path / "v1.npz", text=text, weights=clf.weights, meta=np.array(json.dumps(meta)))
+    old = FewShotClassifier.load(tmp_path / "v1.npz")
+    np.testing.assert_allclose(old.logits(emb, feats), 10.0 * emb @ text.T + 10.0 * feats @ clf.weights.T, rtol=1e-5, atol=1e-5)
+    np.savez(tmp_path / "v9.npz", text=text, weights=clf.weights, meta=np.array(json.dumps({**meta, "version": 9})))
+    with pytest.raises(InputError, match="format version 9 is newer"):
+        FewShotClassifier.load(tmp_path / "v9.npz")
+
+
+class WideColors(CountingColors):
+    """Same fingerprint as ColorEncoder, other features (like mini's torch and ONNX towers)."""
+
+    def encode_image_tensors_with_features(self, batch):
+        emb = self.encode_image_tensors(batch)
+        return emb, np.concatenate([emb, emb], axis=1) / 2**0.5
+
+
+def test_example_cache_is_per_feature_kind(tmp_path):
+    from searchkit.fewshot import embed_cached
+
+    ex = _write(tmp_path / "ex", {"red": REDS[:2], "blue": BLUES[:2]})
+    paths = [str(p) for p in sorted(ex.rglob("*.png"))]
+    assert embed_cached(ColorEncoder(), paths)[1].shape == (4, 3)
+    assert WideColors().fingerprint == ColorEncoder().fingerprint
+    assert embed_cached(WideColors(), paths)[1].shape == (4, 6)  # not the cached 3-d rows
+
+
+def test_tiny_open_clip_fits_its_examples(tmp_path):
+    from searchkit.encoders import get_encoder
+    from searchkit.fewshot import prior_weight
+    from tests.conftest import make_images
+
+    for label, start in (("cats", 0), ("dogs", 10)):
+        make_images(tmp_path / "ds" / label, 4, start=start)
+    enc = get_encoder(TINY)
+    clf = FewShotClassifier.fit(enc, tmp_path / "ds")
+    assert clf.scale is None and clf.prior == prior_weight(4)  # open_clip: features are the embeddings
+    paths = [str(p) for label in ("cats", "dogs") for p in sorted((tmp_path / "ds" / label).iterdir())]
+    assert (clf.logits(*enc.encode_images_with_features(paths)).argmax(1) == [0] * 4 + [1] * 4).all()
