@@ -9,8 +9,8 @@ examples grow, plus a learned linear function of its features,
 
 where e is the joint embedding, T the label prompts' embeddings, k the examples per label, f the
 encoder's few-shot features (`Encoder.encode_images_with_features`: for `mini` and checkpoints
-on torch the image tower's own features, which separate classes far better than the 256-d joint
-space; for open_clip and ONNX image towers the embedding itself) and g SimpleShot's centring
+the image tower's own features, on torch or from their ONNX export alike, which separate classes
+far better than the 256-d joint space; for open_clip the embedding itself) and g SimpleShot's centring
 where it applies: l2normalize(x - m), x the tower features, m the image head's training mean
 (`feature_scale`); g is the identity elsewhere. W starts at zero (the zero-shot classifier) and
 is fitted by full-batch Adam on the cross-entropy of the examples with a small L2 penalty.
@@ -48,7 +48,7 @@ FORMAT = "searchkit.fewshot"
 #: reads as no scale, prior 1, which is exactly what it computed)
 VERSION = 2
 #: what the example cache holds per image; part of its key, so a change never mixes old rows in
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3  # 3: mini's ONNX image tower gives its tower features too
 #: the probe's logit multiplier (features are unit rows), its L2 penalty, Adam steps and rate
 PROBE_SCALE, PROBE_L2, PROBE_STEPS, PROBE_LR = 10.0, 1e-3, 300, 0.05
 
@@ -66,12 +66,17 @@ def feature_scale(encoder, dim: int) -> np.ndarray | None:
     by the head (`DualEncoder` on torch): l2normalize(f * std) is then l2normalize(x - mean),
     the tower features x centred on the head's training mean (SimpleShot's centring) without
     the standardization, which bench/fewshot.py measured 2-5 points better at 16 shots.
-    None for every other encoder (open_clip, ONNX towers: their features are the embeddings)."""
+    mini's ONNX image export carries the same std (`feature_std`). None for every other encoder
+    (open_clip: its features are its embeddings)."""
     head = getattr(vars(encoder).get("heads"), "image", None)  # vars: never builds a lazy torch model
     std = getattr(head, "std", None)
+    if std is not None:
+        std = std.detach().cpu().numpy()
+    else:  # the ONNX image export of such a tower carries the same std
+        std = vars(encoder).get("feature_std")
     if std is None or std.shape[0] != dim:
         return None
-    return std.detach().cpu().numpy().astype(np.float32)
+    return np.asarray(std, np.float32)
 
 
 def prior_weight(shots: float) -> float:

@@ -113,6 +113,14 @@ def test_cold_mini_classify_is_torch_free_and_scores_as_the_torch_model(tmp_path
     want = torch_enc.zeroshot_scorer(labels, DEFAULT_TEMPLATES)(images)
     got = onnx_enc.zeroshot_scorer(labels, DEFAULT_TEMPLATES, text_encoder=text)(images)
     np.testing.assert_allclose(got, want, atol=1e-4)
+    # few-shot compares examples by the same standardized tower features on both paths
+    from searchkit.fewshot import feature_scale
+
+    (e1, f1), (e2, f2) = onnx_enc.encode_images_with_features(images), torch_enc.encode_images_with_features(images)
+    assert f1.shape == f2.shape == (3, 1664)
+    np.testing.assert_allclose(f1, f2, atol=1e-4)
+    np.testing.assert_allclose(e1, e2, atol=1e-4)
+    np.testing.assert_array_equal(feature_scale(onnx_enc, 1664), feature_scale(torch_enc, 1664))
 
     code = (
         "import sys; from searchkit.cli.main import app\n"

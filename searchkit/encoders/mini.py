@@ -325,15 +325,21 @@ class DualEncoder(Encoder):
 
         return Embedder(self.image_tower.module(), self.heads.image)
 
-    def image_module_with_classes(self) -> torch.nn.Module | None:
-        """Pixels to (embeddings, ImageNet class probabilities) for an EfficientNet-Lite tower
-        (the ONNX export then serves `zeroshot_scorer` without torch); None for other towers."""
+    def image_module_with_tower_outputs(self) -> torch.nn.Module | None:
+        """Pixels to (embeddings, ImageNet class probabilities, standardized tower features) for
+        an EfficientNet-Lite tower: its ONNX export then serves zero-shot and few-shot without
+        torch (encoders/onnx_image.py); None for other towers."""
         if not self.config["image_tower"].startswith("efficientnet"):
             return None
-        from .nets import EmbedderWithClasses
+        from .nets import TowerOutputs
 
         tower = self.image_tower
-        return EmbedderWithClasses(tower.network, tower.derive_module(), self.heads.image)
+        return TowerOutputs(tower.network, tower.derive_module(), self.heads.image)
+
+    @property
+    def feature_std(self):
+        """The image head's training std over the tower features (few-shot rescales by it)."""
+        return self.heads.image.std.detach().cpu().numpy()
 
 
 def load_class_text(folder: Path):

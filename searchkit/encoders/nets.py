@@ -65,9 +65,11 @@ class Embedder(nn.Module):
         return F.normalize(self.head(self.features(pixels)), dim=-1)
 
 
-class EmbedderWithClasses(nn.Module):
-    """One pass of an EfficientNet tower to (the final embedding, its ImageNet classifier's
-    class probabilities): what ConSE-style zero-shot needs, as one ONNX graph."""
+class TowerOutputs(nn.Module):
+    """One pass of an EfficientNet tower to what every CPU path of a trained dual encoder needs,
+    as one ONNX graph: the final embedding, the ImageNet classifier's class probabilities
+    (ConSE zero-shot) and the tower features standardized by the image head's training
+    statistics, unit length (few-shot; `DualEncoder.encode_image_tensors_with_features`)."""
 
     def __init__(self, model: nn.Module, derive: nn.Module | None, head: nn.Module):
         super().__init__()
@@ -75,10 +77,12 @@ class EmbedderWithClasses(nn.Module):
         self.derive = derive if derive is not None else nn.Identity()
         self.head = head
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pooled = self.model.forward_head(self.model.forward_features(pixels), pre_logits=True).float()
-        emb = F.normalize(self.head(self.derive(pooled)), dim=-1)
-        return emb, self.model.get_classifier()(pooled).softmax(-1)
+        feats = self.derive(pooled)
+        emb = F.normalize(self.head(feats), dim=-1)
+        standardized = F.normalize((feats - self.head.mean) / self.head.std, dim=-1)
+        return emb, self.model.get_classifier()(pooled).softmax(-1), standardized
 
 
 @dataclass

@@ -30,11 +30,13 @@ LOG = logging.getLogger(__name__)
 KIND = "image-onnx"
 #: the export's second output for towers with an ImageNet classifier (mini's EfficientNet-Lite)
 CLASS_OUTPUT = "class_probs"
+#: and its tower features standardized by the image head (what few-shot compares examples by)
+FEATURES_OUTPUT = "features"
 #: specs measured slower on ONNX Runtime than on torch (bench/index_throughput.py); none so
 #: far: ViT-B-32 and mini's EfficientNet-Lite0 both run faster there (README, Performance)
 SLOWER_ON_ONNX: frozenset[str] = frozenset()
 _OWN = frozenset({"_base", "_load_base", "_lock", "_text", "_pre", "_fingerprint", "_folder", "_outputs", "_session",
-                  "_session_error", "_loader"})
+                  "_session_error", "_loader", "feature_std"})
 _RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values
 
 
@@ -121,11 +123,12 @@ def export_image_tower(base: Encoder, out: Path) -> bool:
 
     from .onnx import _export
 
-    # a tower with its own ImageNet classifier also exports its class probabilities, and the
-    # class names' text embeddings go beside it: ConSE zero-shot then needs no torch
-    with_classes = getattr(base, "image_module_with_classes", lambda: None)()
+    # a tower with its own ImageNet classifier also exports its class probabilities and its
+    # standardized features, with the class names' text embeddings beside it: zero-shot (ConSE)
+    # and few-shot then need no torch
+    with_classes = getattr(base, "image_module_with_tower_outputs", lambda: None)()
     module = (with_classes or base.image_module()).cpu().eval()
-    outputs = ("embeds", CLASS_OUTPUT) if with_classes is not None else ("embeds",)
+    outputs = ("embeds", CLASS_OUTPUT, FEATURES_OUTPUT) if with_classes is not None else ("embeds",)
     try:
         example = torch.zeros(2, 3, base.image_size, base.image_size)
         _export(module, example, out / "image.onnx", "pixels", {0: ("batch", 1, 4096)}, trace=True, outputs=outputs)
@@ -148,6 +151,7 @@ def export_image_tower(base: Encoder, out: Path) -> bool:
         "int8_op_types": list(getattr(base, "int8_op_types", None) or []) or None,
         "preprocess": pre.params(),
         "outputs": list(outputs),
+        **({"feature_std": base.feature_std.astype(float).tolist()} if with_classes is not None else {}),
     }
     (out / "meta.json").write_text(json.dumps(meta))
     return True
@@ -200,6 +204,8 @@ class OnnxImageEncoder(Encoder):
         self._loader.start()
         self._folder = Path(folder)
         self._outputs = tuple(meta.get("outputs") or ("embeds",))
+        #: see `fewshot.feature_scale`; None when the export has no tower features
+        self.feature_std = np.asarray(meta["feature_std"], np.float32) if meta.get("feature_std") else None
         self._load_base, self._base = load_base, base
         self._text = None
         self._lock = threading.Lock()
@@ -260,6 +266,15 @@ class OnnxImageEncoder(Encoder):
             batch = self._pre.normalize(batch)
         out = self.session.run(["embeds"], {"pixels": as_numpy(batch)})[0]
         return _unit(out)
+
+    def encode_image_tensors_with_features(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """As the torch model's: the tower's standardized features where the export has them."""
+        if FEATURES_OUTPUT not in self._outputs:
+            return super().encode_image_tensors_with_features(batch)
+        if isinstance(batch, np.ndarray) and batch.dtype == np.uint8:
+            batch = self._pre.normalize(batch)
+        emb, feats = self.session.run(["embeds", FEATURES_OUTPUT], {"pixels": as_numpy(batch)})
+        return _unit(emb), np.asarray(feats, np.float32)
 
     def zeroshot_scorer(self, labels, templates, text_encoder=None):
         """ConSE zero-shot from the export alone when it has the class output and a text export
