@@ -495,6 +495,20 @@ def test_text_layer_tuning_with_two_layers_from_a_checkpoint(pair_data, tmp_path
     assert {k.split(".")[2] for k in load_file(str(tmp_path / "b" / "text_tower.safetensors"))} == {"4", "5"}
 
 
+@needs_minilm
+def test_text_layer_tuning_with_all_captions_per_step(pair_data, tmp_path):
+    cfg = TrainConfig(image_tower=TINY, text_tower=MINILM, dim=16, epochs=3, batch_size=8, lr=5e-3, dropout=0.0,
+                      patience=10, unfreeze_text_layers=1, text_lr_scale=0.1, all_captions=True)
+    result = train(
+        pair_data / "captions.csv", pair_data / "images", tmp_path / "all", cfg,
+        val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False,
+    )
+    losses = [h.loss for h in result.history]
+    assert losses[-1] < losses[0]
+    report = evaluate_retrieval(str(tmp_path / "all"), pair_data / "captions.csv", pair_data / "images", split=pair_data / "val.txt")
+    assert report["metrics"]["mean"] == pytest.approx(result.best["mean"], abs=1e-6)
+
+
 def test_text_layer_tuning_bad_settings_are_usage_errors(pair_data, tmp_path):
     from searchkit.errors import UsageError
 
