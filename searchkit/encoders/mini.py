@@ -10,6 +10,9 @@ A checkpoint is a folder written by `searchkit train`:
   image_tower.safetensors    only after partial fine-tuning (`image_tower_tuned` in config.json,
                              checkpoint version 2): the fine-tuned last blocks of the image tower,
                              under the tower network's own key names, applied over its pretrained weights
+  text_tower.safetensors     only after LiT-style tuning of the text side (`text_tower_tuned`,
+                             checkpoint version 3): the tuned last transformer layers of MiniLM, the
+                             same way; the encoder then runs a private MiniLM holding them
 
 Specs:
   PATH    a checkpoint folder (any spec that is an existing path)
@@ -43,11 +46,15 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "searchkit.dual-encoder"
-#: version 2 adds fine-tuned image tower blocks; checkpoints without them are still written as 1
-CHECKPOINT_VERSION = 2
+#: version 2 adds fine-tuned image tower blocks, 3 tuned text tower layers; a checkpoint is written
+#: with the lowest version that holds what it has (frozen towers: 1)
+CHECKPOINT_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "heads.safetensors"
 TOWER_FILE = "image_tower.safetensors"
+TEXT_TOWER_FILE = "text_tower.safetensors"
+#: config key -> default weight file, for each tower a checkpoint may carry tuned weights of
+TUNED = {"image_tower_tuned": TOWER_FILE, "text_tower_tuned": TEXT_TOWER_FILE}
 CONSE_FILE = "conse.safetensors"
 #: the shipped `mini` checkpoint
 MINI_DIR = Path(__file__).resolve().parent.parent / "weights" / "mini"
@@ -117,9 +124,15 @@ def build_heads(image: HeadSpec, text: HeadSpec, init_logit_scale: float = 1 / 0
 
 
 def save_checkpoint(
-    folder: str | os.PathLike, heads: Any, config: dict, tower_state: dict | None = None, class_text: Any = None
+    folder: str | os.PathLike,
+    heads: Any,
+    config: dict,
+    tower_state: dict | None = None,
+    class_text: Any = None,
+    text_state: dict | None = None,
 ) -> Path:
-    """Write heads (+ fine-tuned tower weights, + ConSE class-prompt embeddings) and config into `folder`.
+    """Write heads (+ fine-tuned image / text tower weights, + ConSE class-prompt embeddings) and
+    config into `folder`.
 
     Each file is written atomically (temporary name, rename), config.json last, so a checkpoint
     is only ever read with weights that are at least as new as its config.
@@ -128,18 +141,19 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "format": CHECKPOINT_FORMAT,
-        "version": 2 if tower_state else 1,
+        "version": 3 if text_state else 2 if tower_state else 1,
         **config,
         "logit_scale": float(heads.scale().item()),
     }
     _save_tensors(folder / WEIGHTS_FILE, heads.state_dict())
     if class_text is not None and not (folder / CONSE_FILE).is_file():  # the same every epoch
         _save_tensors(folder / CONSE_FILE, {"class_text": class_text})
-    if tower_state:
-        _save_tensors(folder / TOWER_FILE, tower_state)
-        config["image_tower_tuned"] = {**config.get("image_tower_tuned", {}), "file": TOWER_FILE}
-    else:
-        config.pop("image_tower_tuned", None)
+    for key, state in (("image_tower_tuned", tower_state), ("text_tower_tuned", text_state)):
+        if state:
+            _save_tensors(folder / TUNED[key], state)
+            config[key] = {**config.get(key, {}), "file": TUNED[key]}
+        else:
+            config.pop(key, None)
     tmp = folder / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / CONFIG_FILE)
@@ -176,26 +190,27 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise ModelUnavailableError(
             f"{folder} was written by a newer searchkit (checkpoint version {cfg['version']}); upgrade searchkit"
         )
-    tuned = cfg.get("image_tower_tuned")
-    if tuned and not (folder / tuned.get("file", TOWER_FILE)).is_file():
-        raise ModelUnavailableError(f"{folder} names fine-tuned tower weights but {tuned.get('file', TOWER_FILE)} is missing")
+    for key, default in TUNED.items():
+        tuned = cfg.get(key)
+        if tuned and not (folder / tuned.get("file", default)).is_file():
+            raise ModelUnavailableError(f"{folder} names fine-tuned tower weights but {tuned.get('file', default)} is missing")
     return cfg
 
 
 def weight_files(folder: Path, cfg: dict) -> list[Path]:
-    """The weight files a checkpoint's config uses (heads, and fine-tuned tower blocks if any)."""
-    tuned = cfg.get("image_tower_tuned")
-    return [folder / WEIGHTS_FILE] + ([folder / tuned.get("file", TOWER_FILE)] if tuned else [])
+    """The weight files a checkpoint's config uses (heads, and fine-tuned tower weights if any)."""
+    return [folder / WEIGHTS_FILE] + [folder / cfg[k].get("file", f) for k, f in TUNED.items() if cfg.get(k)]
 
 
-def load_tuned_tower(tower: Any, folder: Path, cfg: dict) -> None:
-    """Apply a checkpoint's fine-tuned image tower blocks (if it has any) to a freshly loaded tower."""
-    tuned = cfg.get("image_tower_tuned")
+def load_tuned_tower(tower: Any, folder: Path, cfg: dict, key: str = "image_tower_tuned") -> None:
+    """Apply a checkpoint's fine-tuned tower weights (`key`: image_tower_tuned or
+    text_tower_tuned; if it has any) to a freshly loaded tower."""
+    tuned = cfg.get(key)
     if not tuned:
         return
     from safetensors.torch import load_file
 
-    path = folder / tuned.get("file", TOWER_FILE)
+    path = folder / tuned.get("file", TUNED[key])
     try:
         state = load_file(str(path))
     except (RuntimeError, OSError) as e:
@@ -222,7 +237,8 @@ def head_config(image: HeadSpec, text: HeadSpec) -> dict:
 
 
 class DualEncoder(Encoder):
-    """Frozen towers + trained heads, behind the encoder contract.
+    """Pretrained towers (frozen, or with tuned last blocks / layers) + trained heads, behind the
+    encoder contract.
 
     Each tower loads on first use: a text-only call never builds the image tower (its
     EfficientNet and timm imports were most of a cold text query), an image-only call never
@@ -258,7 +274,11 @@ class DualEncoder(Encoder):
     def text_tower(self):
         with self._tower_lock:
             if self._text_tower is None:
-                self._text_tower = load_text_tower(self.config["text_tower"], self.device)
+                tuned = bool(self.config.get("text_tower_tuned"))
+                # tuned layers go into a private tower: the shared one stays pretrained
+                tower = load_text_tower(self.config["text_tower"], self.device, shared=not tuned)
+                load_tuned_tower(tower, self.folder, self.config, "text_tower_tuned")
+                self._text_tower = tower
             return self._text_tower
 
     @property

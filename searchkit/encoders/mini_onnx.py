@@ -3,10 +3,11 @@
 `export_text_query_model` (encoders/onnx.py) comes here for a `DualEncoder` whose text tower is
 MiniLM, and writes the same folder layout as for open_clip, read by the same `OnnxTextEncoder`:
 
-  text.onnx        token ids (zero-padded, [PAD] is 0) -> MiniLM -> mean pooling over the
-                   non-padding tokens -> unit length -> the checkpoint's text head ("embeds"),
-                   and the unit-length pooled features themselves ("features", what ConSE
-                   zero-shot compares with the class names)
+  text.onnx        token ids (zero-padded, [PAD] is 0) -> MiniLM (with the checkpoint's tuned
+                   layers, if it has any) -> mean pooling over the non-padding tokens -> unit
+                   length -> the checkpoint's text head ("embeds"), and the unit-length pooled
+                   features themselves ("features", what ConSE zero-shot compares with the
+                   class names)
   tokenizer.json   MiniLM's WordPiece tokenizer (the `tokenizers` form of the one the torch path
                    uses, truncating at the tower's max length), so no transformers at query time
   meta.json        fingerprint, dim, context length, and `clean: none` (no CLIP text cleaning)
@@ -32,9 +33,10 @@ LOG = logging.getLogger(__name__)
 
 def _text_module(enc):
     import torch
-    import torch.nn.functional as F
 
-    tower, head = enc.text_tower, enc.heads.text
+    from .nets import mean_pool
+
+    tower, head = enc.text_tower, enc.heads.text  # the checkpoint's tuned layers, if any, are in tower.model
 
     class MiniText(torch.nn.Module):
         def __init__(self):
@@ -45,9 +47,7 @@ def _text_module(enc):
         def forward(self, tokens):
             mask = (tokens != 0).to(torch.int64)
             hidden = self.bert(input_ids=tokens, attention_mask=mask).last_hidden_state
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-            features = F.normalize(pooled.float(), dim=-1)
+            features = mean_pool(hidden, mask)
             return self.head(features), features
 
     return MiniText().eval()

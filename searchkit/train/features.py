@@ -2,6 +2,9 @@
 
 For partial fine-tuning the cached thing is the frozen trunk's output instead: the activations at
 the input of the tower's last N blocks (`cut_activations`), so an epoch runs only those blocks.
+For the text side (LiT-style tuning of MiniLM's last N layers) it is every caption's token states
+at the input of the first tuned layer (`text_states`, keyed by that layer's index), stored ragged:
+the non-padding tokens of all captions in one array, plus each caption's token count.
 
 A cache entry is one `.npz` file (features plus a row mask of the inputs that could be read)
 named by the tower spec and a hash of everything that determines it: the tower, the feature
@@ -48,18 +51,18 @@ def _entry_path(cache_dir: Path, tower_spec: str, kind: str, payload: object) ->
     return cache_dir / f"{slug}-{kind}-{digest}.npz"
 
 
-def _load(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+def _load(path: Path, first: str = "features", second: str = "ok") -> tuple[np.ndarray, np.ndarray] | None:
     try:
         with np.load(path) as z:
-            return z["features"].astype(np.float32), z["ok"].astype(bool)
+            return z[first].astype(np.float32), z[second].astype(bool if second == "ok" else np.int64)
     except (OSError, KeyError, ValueError):
         return None
 
 
-def _save(path: Path, features: np.ndarray, ok: np.ndarray) -> None:
+def _save(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=features, ok=ok)
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
@@ -172,7 +175,7 @@ def _cached_image_pass(
                 ok[idx] = True
             bar.update(len(tensors))
     if feats is not None:
-        _save(entry, feats, ok)
+        _save(entry, features=feats, ok=ok)
     return feats, ok
 
 
@@ -206,8 +209,75 @@ def text_features(
             idx = order[start : start + batch_size]
             feats[idx] = tower.features([texts[i] for i in idx]).cpu().numpy()
             bar.update(len(idx))
-    _save(entry, feats, np.ones(len(texts), dtype=bool))
+    _save(entry, features=feats, ok=np.ones(len(texts), dtype=bool))
     return feats
+
+
+class TokenStates:
+    """Token states of texts at a text tower cut, ragged: text i's tokens are rows
+    `offsets[i] : offsets[i] + lengths[i]` of `states` (one (tokens, d) float32 tensor)."""
+
+    def __init__(self, states, offsets: np.ndarray, lengths: np.ndarray):
+        self.states, self.offsets, self.lengths = states, offsets, lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def take(self, idx) -> TokenStates:
+        """The states of texts `idx` (shares `states`, no copy)."""
+        return TokenStates(self.states, self.offsets[idx], self.lengths[idx])
+
+    def batch(self, idx, device: str = "cpu"):
+        """(states (b, longest, d) zero-padded, attention mask (b, longest) int64) of texts `idx`."""
+        import torch
+
+        idx = idx.cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+        lengths = self.lengths[idx]
+        pos = np.arange(int(lengths.max()) if len(idx) else 0)
+        mask = pos[None, :] < lengths[:, None]
+        rows = torch.from_numpy(np.where(mask, self.offsets[idx][:, None] + pos[None, :], 0))
+        mask_t = torch.from_numpy(mask)
+        hidden = self.states[rows] * mask_t[..., None]
+        return hidden.to(device), mask_t.to(torch.int64).to(device)
+
+
+def text_states(
+    tower: TextTower,
+    cut: TowerCut,
+    texts: Sequence[str],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> TokenStates:
+    """Every text's token states at the input of the tower's last `cut.blocks` layers (cached
+    under the tower spec and that layer's index; the pretrained trunk is all they depend on)."""
+    import torch
+
+    texts = [str(t) for t in texts]
+    layer = len(cut.network.encoder.layer) - cut.blocks
+    entry = _entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), f"{tower.spec}@layer{layer}", "text-states", texts)
+    cached = _load(entry, "states", "lengths") if entry.exists() else None
+    if cached is not None and len(cached[1]) == len(texts):
+        LOG.info("token states of %d texts from cache %s", len(texts), entry)
+        states, lengths = cached
+    else:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks: list[np.ndarray] = [np.zeros((0, tower.dim), dtype=np.float32)] * len(texts)
+        lengths = np.zeros(len(texts), dtype=np.int64)
+        with _bar(len(texts), f"{tower.spec} token states", progress) as bar, torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                tokens = tower.tokens([texts[i] for i in idx])
+                hidden = cut.trunk(tokens["input_ids"], tokens["attention_mask"]).float().cpu().numpy()
+                for row, i in enumerate(idx):
+                    lengths[i] = int(tokens["attention_mask"][row].sum())
+                    chunks[i] = hidden[row, : lengths[i]]  # right-padded: the first tokens are the text's
+                bar.update(len(idx))
+        states = np.concatenate(chunks) if texts else np.zeros((0, tower.dim), dtype=np.float32)
+        _save(entry, states=states, lengths=lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return TokenStates(torch.from_numpy(states), offsets, lengths)
 
 
 def _stat(path: str) -> tuple[int, int]:
