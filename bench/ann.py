@@ -335,7 +335,7 @@ def main() -> None:
                 if len(xt):
                     sets.append(V.QuerySet("text", xt[tune_t], np.full(len(tune_t), -1)))
                 t = time.perf_counter()
-                tuned = V.tune(vec, sets, chunks, target=V.TARGET_RECALL)
+                V.tune(vec, sets, chunks, target=V.TARGET_RECALL)
                 row["tune_s"] = round(time.perf_counter() - t, 1)
                 row["search_params"] = dict(vec.search_params)
             row["recall_at_10"] = recall_on(vec, xq[eval_q], truth[eval_q])

@@ -137,7 +137,6 @@ def test_the_bad_input_zoo_in_one_cli_run(tmp_path):
     import subprocess
     import sys
 
-    from PIL import Image
 
     z = tmp_path / "zoo"
     make_images(z, 3)

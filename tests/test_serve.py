@@ -20,7 +20,7 @@ from PIL import Image
 
 import searchkit
 from searchkit.serve import create_app
-from tests.conftest import TINY, make_images, noise_image
+from tests.conftest import TINY, make_images
 from tests.serve_helpers import build_bundles, copy_bundle, free_port, tiny_env
 
 

@@ -64,8 +64,6 @@ def as_numpy(batch) -> np.ndarray:
 
 def l2_normalize(x: torch.Tensor) -> np.ndarray:
     """Rows scaled to unit length, returned as contiguous float32 numpy."""
-    import torch
-
     x = x.float()
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
