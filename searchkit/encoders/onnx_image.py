@@ -24,6 +24,7 @@ import numpy as np
 
 from . import export_cache
 from .base import Encoder, as_numpy
+from .onnx import _normalize
 
 LOG = logging.getLogger(__name__)
 
@@ -267,20 +268,22 @@ class OnnxImageEncoder(Encoder):
         takes a stack of these as well as float NCHW batches."""
         return self._pre.crop_uint8(image)
 
-    def encode_image_tensors(self, batch) -> np.ndarray:
+    def _run(self, batch, second: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(unit embeddings, the export's output `second` as float32 or None) for a batch of
+        uint8 crops (`preprocess_compact`) or float NCHW pixels."""
         if isinstance(batch, np.ndarray) and batch.dtype == np.uint8:
             batch = self._pre.normalize(batch)
-        out = self.session.run(["embeds"], {"pixels": as_numpy(batch)})[0]
-        return _unit(out)
+        out = self.session.run(["embeds", *([second] if second else [])], {"pixels": as_numpy(batch)})
+        return _normalize(out[0]), (np.asarray(out[1], np.float32) if second else None)
+
+    def encode_image_tensors(self, batch) -> np.ndarray:
+        return self._run(batch)[0]
 
     def encode_image_tensors_with_features(self, batch) -> tuple[np.ndarray, np.ndarray]:
         """As the torch model's: the tower's standardized features where the export has them."""
         if FEATURES_OUTPUT not in self._outputs:
             return super().encode_image_tensors_with_features(batch)
-        if isinstance(batch, np.ndarray) and batch.dtype == np.uint8:
-            batch = self._pre.normalize(batch)
-        emb, feats = self.session.run(["embeds", FEATURES_OUTPUT], {"pixels": as_numpy(batch)})
-        return _unit(emb), np.asarray(feats, np.float32)
+        return self._run(batch, FEATURES_OUTPUT)
 
     def zeroshot_scorer(self, labels, templates, text_encoder=None):
         """ConSE zero-shot from the export alone when it has the class output and a text export
@@ -291,7 +294,6 @@ class OnnxImageEncoder(Encoder):
             return None
         from ..zeroshot import label_embeddings
         from .conse_zeroshot import NAMES_FILE, ConSEZeroShot, label_text_features, load_class_names
-
         from .onnx import OnnxTextEncoder
 
         def with_features(enc) -> bool:  # (isinstance first: getattr on this class builds torch)
@@ -302,9 +304,7 @@ class OnnxImageEncoder(Encoder):
             return self.torch_encoder().zeroshot_scorer(labels, templates)
 
         def image_outputs(images):
-            batch = np.stack([self._pre(img) for img in images])
-            emb, probs = self.session.run(["embeds", CLASS_OUTPUT], {"pixels": batch})
-            return _unit(emb), np.asarray(probs, np.float32)
+            return self._run(np.stack([self._pre.crop_uint8(img) for img in images]), CLASS_OUTPUT)
 
         return ConSEZeroShot(label_embeddings(text, labels, templates), label_text_features(text.text_features, labels, templates),
                              load_class_names(self._folder / NAMES_FILE), self.logit_scale, image_outputs).probabilities
@@ -325,7 +325,3 @@ class OnnxImageEncoder(Encoder):
 
     def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
         return self._text_encoder().encode_texts(texts)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12), dtype=np.float32)
