@@ -203,8 +203,11 @@ def test_killed_ray_driver_loses_only_batches_in_flight_and_a_local_rerun_comple
     make_images(photos, 24)
     bundle = tmp_path / "bundle"
     address = local_ray.get_runtime_context().gcs_address  # a second driver on the session's Ray
+    # slow:0.5 sleeps after every commit (tests/faultlib.py), so the run is surely still going when
+    # it is killed: unslowed, all 6 batches could land within one 0.1 s poll (seen once)
+    faultlib = Path(__file__).resolve().parent / "faultlib.py"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "searchkit.cli", "index", str(photos), "--index", str(bundle), "--model", TINY,
+        [sys.executable, str(faultlib), "slow:0.5", "--", "index", str(photos), "--index", str(bundle), "--model", TINY,
          "--engine", "ray", "--ray-address", address, "--batch-size", "4"],
         env={**os.environ, **RAY_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
