@@ -51,6 +51,10 @@ def test_onnx_image_tower_matches_torch_and_is_cached(tiny_torch, tmp_path):
     compact = np.stack([enc.preprocess_compact(im) for im in imgs])
     assert compact.dtype == np.uint8 and compact.shape == (7, enc.image_size, enc.image_size, 3)
     np.testing.assert_array_equal(enc.encode_image_tensors(compact), enc.encode_image_tensors(np.stack([enc.preprocess(im) for im in imgs])))
+    # a batch runs as one-thread streams, a slice each: the same rows, in their order
+    enc._streams = 3
+    one_by_one = np.concatenate([enc.encode_image_tensors(compact[i : i + 1]) for i in range(7)])
+    np.testing.assert_allclose(enc.encode_image_tensors(compact), one_by_one, atol=1e-5)
     # a second build finds the entry instead of exporting again
     assert export_cache.build(KIND, tiny_torch.fingerprint, lambda tmp: pytest.fail("exported twice")) == folder
 

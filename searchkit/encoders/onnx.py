@@ -40,13 +40,14 @@ TEXT_DIR = "text-onnx"
 _CLIP_SPLIT = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def _session(path: Path, *, mem_pattern: bool = True):
-    """`mem_pattern=False`: no per-input-shape block planned ahead (ViT-B-32's image tower, batch
+def _session(path: Path, *, mem_pattern: bool = True, threads: int | None = None):
+    """`threads`: the intra-op pool's size (default: one per core).
+    `mem_pattern=False`: no per-input-shape block planned ahead (ViT-B-32's image tower, batch
     16: 10 MB less peak, same speed, measured in fresh processes)."""
     ort = require("onnxruntime")
     so = ort.SessionOptions()
     so.enable_mem_pattern = mem_pattern
-    so.intra_op_num_threads = cpu_cores()
+    so.intra_op_num_threads = threads or cpu_cores()
     # ORT's pool spins after each run by default; on a small machine the spinning threads then
     # compete with the search that follows every query encoding (an exact scan splits over the
     # cores). Measured on 2 cores: encoding alone 8.7 ms spinning vs 9.6 ms not, but whole
