@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..machine import cpu_cores
 from . import export_cache
 from .base import Encoder, as_numpy
 from ..machine import cpu_cores
