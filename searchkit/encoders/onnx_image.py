@@ -26,7 +26,6 @@ import numpy as np
 from ..machine import cpu_cores
 from . import export_cache
 from .base import Encoder, as_numpy
-from ..machine import cpu_cores
 from .onnx import _normalize
 
 LOG = logging.getLogger(__name__)
