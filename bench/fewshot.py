@@ -69,7 +69,7 @@ def probe_text(emb_s, f_s, y_s, emb_q, f_q, text, s, n, prior=1.0, mean=None):
 
 def main() -> None:
     from searchkit.encoders import get_encoder
-    from searchkit.eval_fewshot import embed_folder, parse_shots
+    from searchkit.eval_fewshot import draws_of, embed_folder, parse_shots
     from searchkit.evaluate import class_folders
     from searchkit.fewshot import FewShotClassifier, feature_scale, fit_probe
     from searchkit.zeroshot import DEFAULT_TEMPLATES, label_embeddings
@@ -105,15 +105,11 @@ def main() -> None:
     if std is not None:
         for name, prior in (("c-head+text", 1.0), ("c-head+text.5", 0.5)):
             methods[name] = lambda es, fs, ys, eq, fq, p=prior: probe_text(es, norm(fs * std), ys, eq, norm(fq * std), text, s, n, p)
-    by_class = [np.flatnonzero(truth == c) for c in range(n)]
     out = {m: {} for m in methods}
     for k in parse_shots(args.shots):
         k_now["k"] = k
         accs = {m: [] for m in methods}
-        for r in range(args.draws):
-            rng = np.random.default_rng([0, k, r])  # the draws of `searchkit eval fewshot --seed 0`
-            sup = np.concatenate([rng.choice(ix, min(k, len(ix) - 1), replace=False) for ix in by_class]).astype(np.int64)
-            q = np.setdiff1d(np.arange(len(truth)), sup)
+        for sup, q in draws_of(truth, n, k, args.draws):  # the draws of `searchkit eval fewshot --seed 0`
             for m, f in methods.items():
                 z = f(emb[sup], feats[sup], truth[sup], emb[q], feats[q])
                 accs[m].append(100.0 * float((z.argmax(1) == truth[q]).mean()))

@@ -101,6 +101,7 @@ def tower_outputs(enc, paths, cache: Path) -> dict[str, np.ndarray]:
 
 def main() -> None:
     from searchkit.encoders import get_encoder
+    from searchkit.eval_fewshot import draws_of
     from searchkit.evaluate import class_folders
     from searchkit.fewshot import FewShotClassifier
     from searchkit.zeroshot import DEFAULT_TEMPLATES, label_embeddings
@@ -171,11 +172,8 @@ def main() -> None:
     for name, (feats, extra) in variants.items():
         row = {}
         for k in (4, 16):
-            accs = []
-            for r in range(args.draws):
-                rng = np.random.default_rng([0, k, r])  # the draws of `searchkit eval fewshot --seed 0`
-                sup = np.concatenate([rng.choice(ix, min(k, len(ix) - 1), replace=False) for ix in by_class]).astype(np.int64)
-                accs.append(score(feats, extra, sup, np.setdiff1d(np.arange(len(truth)), sup)))
+            # the draws of `searchkit eval fewshot --seed 0`
+            accs = [score(feats, extra, sup, q) for sup, q in draws_of(truth, n, k, args.draws)]
             row[f"{k}-shot"] = round(float(np.mean(accs)), 1)
             row[f"{k}-shot std"] = round(float(np.std(accs)), 1)
         hits = sum(score(feats, extra, np.flatnonzero(folds != f), np.flatnonzero(folds == f)) * (folds == f).sum() for f in range(5))

@@ -57,6 +57,17 @@ def parse_shots(shots: str | Sequence[int]) -> list[int]:
     return out
 
 
+def draws_of(truth: np.ndarray, n_classes: int, k: int, draws: int, seed: int = 0):
+    """(support, query) index arrays for each of `draws` random draws of k examples per class
+    (fewer where a class has no more than k images: one always stays a query); the same draws
+    for the same seed, so benchmarks compare methods on what `searchkit eval fewshot` scores."""
+    by_class = [np.flatnonzero(truth == c) for c in range(n_classes)]
+    for r in range(draws):
+        rng = np.random.default_rng([seed, k, r])
+        support = np.concatenate([rng.choice(ix, min(k, len(ix) - 1), replace=False) for ix in by_class]).astype(np.int64)
+        yield support, np.setdiff1d(np.arange(len(truth)), support)
+
+
 def embed_folder(encoder, paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[int], list[tuple[str, str]]]:
     """Embeddings and features of the readable images (cached), their positions, and (path, error) failures."""
     from .errors import InputError
@@ -105,14 +116,10 @@ def evaluate_fewshot(
     text = label_embeddings(encoder, labels, check_templates(templates))
     scale = feature_scale(encoder, feats.shape[1])
     zero = evaluate_zeroshot(encoder, root, templates=templates).top1
-    by_class = [np.flatnonzero(truth == c) for c in range(len(labels))]
     out: dict[int, dict[str, float]] = {}
     for k in shots:
         accs = []
-        for r in range(draws):
-            rng = np.random.default_rng([seed, k, r])
-            support = np.concatenate([rng.choice(ix, min(k, len(ix) - 1), replace=False) for ix in by_class]).astype(np.int64)
-            query = np.setdiff1d(np.arange(len(truth)), support)
+        for support, query in draws_of(truth, len(labels), k, draws, seed):
             clf = FewShotClassifier.from_embeddings(
                 labels, text, emb[support], feats[support], truth[support], encoder.logit_scale, encoder.fingerprint, scale
             )
