@@ -207,10 +207,10 @@ class OnnxImageEncoder(Encoder):
         # Batches run as one-thread streams side by side, a slice of the batch each, instead of
         # one run on a pool of `cores` threads: while decode threads share the cores, the pool
         # waits at every operator for its slowest thread. First run, 120 12 MP photos,
-        # ViT-B-32, 2 cores: ~7 % less wall and CPU (bench/index_throughput.py --first-run);
-        # a single image then runs on one thread.
+        # ViT-B-32, 2 cores: 5-7 % less wall and CPU (bench/index_throughput.py --first-run);
+        # a single image then runs on one thread. (The pool starts its threads on first use.)
         self._streams = cpu_cores()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = ThreadPoolExecutor(self._streams, thread_name_prefix="searchkit-onnx")
         # the session (1-1.6 s of one core for ViT-B-32) loads in the background: an index run
         # decodes its first photos meanwhile, from meta.json's size and preprocessing alone
         self._session, self._session_error = None, None
@@ -285,10 +285,6 @@ class OnnxImageEncoder(Encoder):
         names = ["embeds", *([second] if second else [])]
         batch, session = as_numpy(batch), self.session
         if self._streams > 1 and len(batch) > 1:
-            if self._pool is None:
-                with self._lock:
-                    if self._pool is None:
-                        self._pool = ThreadPoolExecutor(self._streams, thread_name_prefix="searchkit-onnx")
             parts = np.array_split(batch, min(self._streams, len(batch)))
             outs = list(self._pool.map(lambda part: session.run(names, {"pixels": part}), parts))
             out = [np.concatenate([o[i] for o in outs]) for i in range(len(names))]
