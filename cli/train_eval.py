@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,6 +12,11 @@ from .output import EXIT_PARTIAL, handle_errors, print_json, stderr, table
 
 ModelOpt = typer.Option("auto", "--model", "-m", help="Model spec: auto, mini, open_clip:ARCH@TAG, or a checkpoint folder.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (JSON) on stdout.")
+
+
+class Loss(str, Enum):
+    infonce = "infonce"
+    sigmoid = "sigmoid"
 
 
 def _pct(x: float | None) -> str:
@@ -42,7 +48,14 @@ def train_cmd(
     lr: float = typer.Option(5e-4, "--lr", help="Peak learning rate (one-cycle schedule)."),
     weight_decay: float = typer.Option(0.2, "--weight-decay", help="AdamW weight decay."),
     patience: int = typer.Option(6, "--patience", min=1, help="Stop after this many epochs without a better validation mean recall."),
-    temperature: float = typer.Option(0.07, "--temperature", help="Initial softmax temperature (learned)."),
+    loss: Loss = typer.Option(
+        Loss.infonce, "--loss",
+        help="Contrastive loss: infonce (CLIP: softmax over the batch, both ways) or sigmoid (SigLIP: each "
+        "image–caption pair of the batch a match / no-match decision, with a learned logit bias from -10).",
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help="Initial temperature (learned). [default: 0.07 with --loss infonce, 0.1 with --loss sigmoid]",
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed (splits, batches, init)."),
     unfreeze_image_blocks: int = typer.Option(
         0, "--unfreeze-image-blocks", min=0,
@@ -50,7 +63,11 @@ def train_cmd(
         "their input activations are cached once. 0: frozen towers.",
     ),
     tower_lr_scale: float = typer.Option(0.1, "--tower-lr-scale", min=0.0, help="Learning rate of unfrozen tower blocks, as a fraction of --lr."),
-    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start the heads from this checkpoint's (a folder, or mini); same towers and head shapes."),
+    init_from: Optional[str] = typer.Option(
+        None, "--init-from",
+        help="Start the heads from this checkpoint's (a folder, or mini); same towers and head shapes. "
+        "With --loss sigmoid from an infonce checkpoint (such as mini) the logit bias starts at -10.",
+    ),
     caption_augment: int = typer.Option(
         0, "--caption-augment", min=0,
         help="Word-dropout variants per training caption, embedded once and shown in place of the caption at random. 0: none.",
@@ -96,6 +113,7 @@ def train_cmd(
         all_captions=all_captions,
         unfreeze_text_layers=unfreeze_text_layers,
         text_lr_scale=text_lr_scale,
+        loss=loss.value,
     )
     result = train(
         captions,

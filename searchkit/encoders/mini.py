@@ -3,7 +3,9 @@
 A checkpoint is a folder written by `searchkit train`:
 
   config.json                format, tower specs, head shapes, embedding dim, logit scale, training notes
-  heads.safetensors          the two projection heads and the learned temperature
+  heads.safetensors          the two projection heads and the learned temperature (+ after training
+                             with the sigmoid loss, the learned logit bias: `"loss": "sigmoid"` and
+                             `logit_bias` in config.json, checkpoint version 4)
   conse.safetensors          with a `+conse` image tower: the MiniLM embeddings of its 1,000 class
                              prompts (`class_text`), computed once at train time instead of at
                              every load (a checkpoint without it computes them when loading)
@@ -46,9 +48,10 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "searchkit.dual-encoder"
-#: version 2 adds fine-tuned image tower blocks, 3 tuned text tower layers; a checkpoint is written
-#: with the lowest version that holds what it has (frozen towers: 1)
-CHECKPOINT_VERSION = 3
+#: version 2 adds fine-tuned image tower blocks, 3 tuned text tower layers, 4 the sigmoid loss's
+#: logit bias; a checkpoint is written with the lowest version that holds what it has (frozen
+#: towers, infonce: 1)
+CHECKPOINT_VERSION = 4
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "heads.safetensors"
 TOWER_FILE = "image_tower.safetensors"
@@ -72,8 +75,10 @@ class HeadSpec:
     dropout: float = 0.0
 
 
-def build_heads(image: HeadSpec, text: HeadSpec, init_logit_scale: float = 1 / 0.07):
-    """The trainable part of a dual encoder: two heads and a log temperature (a torch module)."""
+def build_heads(image: HeadSpec, text: HeadSpec, init_logit_scale: float = 1 / 0.07, logit_bias: float | None = None):
+    """The trainable part of a dual encoder: two heads and a log temperature (a torch module), plus
+    a learned logit bias starting at `logit_bias` when one is given (the sigmoid loss's; otherwise
+    `logit_bias` is None and not in the state dict)."""
     import torch
     from torch import nn
 
@@ -116,6 +121,7 @@ def build_heads(image: HeadSpec, text: HeadSpec, init_logit_scale: float = 1 / 0
             self.image = ProjectionHead(image)
             self.text = ProjectionHead(text)
             self.log_scale = nn.Parameter(torch.tensor(float(np.log(init_logit_scale))))
+            self.register_parameter("logit_bias", None if logit_bias is None else nn.Parameter(torch.tensor(float(logit_bias))))
 
         def scale(self) -> torch.Tensor:
             return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
@@ -139,12 +145,15 @@ def save_checkpoint(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    bias = getattr(heads, "logit_bias", None)
     config = {
         "format": CHECKPOINT_FORMAT,
-        "version": 3 if text_state else 2 if tower_state else 1,
+        "version": 4 if bias is not None else 3 if text_state else 2 if tower_state else 1,
         **config,
         "logit_scale": float(heads.scale().item()),
     }
+    if bias is not None:  # only the sigmoid loss has one
+        config.update(loss="sigmoid", logit_bias=float(bias.item()))
     _save_tensors(folder / WEIGHTS_FILE, heads.state_dict())
     if class_text is not None and not (folder / CONSE_FILE).is_file():  # the same every epoch
         _save_tensors(folder / CONSE_FILE, {"class_text": class_text})
@@ -224,7 +233,7 @@ def load_heads(folder: str | os.PathLike, cfg: dict | None = None, device: str =
 
     folder = Path(folder)
     cfg = cfg or read_config(folder)
-    heads = build_heads(HeadSpec(**cfg["image_head"]), HeadSpec(**cfg["text_head"]))
+    heads = build_heads(HeadSpec(**cfg["image_head"]), HeadSpec(**cfg["text_head"]), logit_bias=cfg.get("logit_bias"))
     try:
         heads.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except (RuntimeError, OSError) as e:

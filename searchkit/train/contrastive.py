@@ -22,10 +22,15 @@ With `all_captions` each step pairs its images with all of their training captio
 each) instead of one: text→image is the usual cross-entropy per caption, image→text counts every
 caption of the image as a positive (`multi_positive_infonce`).
 
-Loss: symmetric InfoNCE with a learnable temperature. Each epoch visits every caption once;
-batches never hold two captions of the same image (they would be false negatives). After
-every epoch the heads are scored on the validation images (Recall@1/5/10 both ways); the best
-epoch's heads are kept, and training stops after `patience` epochs without improvement.
+Loss: symmetric InfoNCE with a learnable temperature, or with `loss = "sigmoid"` SigLIP's (Zhai et
+al., ICCV 2023, "Sigmoid Loss for Language Image Pre-Training"): every image–caption pair of the
+batch is its own match / no-match decision, -log sigmoid(±(t·cos + b)) summed over the similarity
+matrix and divided by the number of images, with the scale t and a bias b both learned (t from
+1 / 0.1, b from -10; `--all-captions` counts every caption of an image as a match). Each epoch
+visits every caption once; batches never hold two captions of the same image (they would be false
+negatives). After every epoch the heads are scored on the validation images (Recall@1/5/10 both
+ways); the best epoch's heads are kept, and training stops after `patience` epochs without
+improvement.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.2
     patience: int = 6
-    init_temperature: float = 0.07
+    init_temperature: float | None = None  # None: the loss's own (INIT_TEMPERATURE)
     seed: int = 0
     unfreeze_image_blocks: int = 0  # fine-tune the image tower's last N blocks; 0 = frozen towers
     tower_lr_scale: float = 0.1  # learning rate of the unfrozen blocks, as a fraction of `lr`
@@ -73,6 +78,20 @@ class TrainConfig:
     all_captions: bool = False  # each step shows all of its images' captions (several positives each)
     unfreeze_text_layers: int = 0  # tune the text tower's last N transformer layers; 0 = frozen
     text_lr_scale: float = 0.04  # learning rate of the tuned text layers, as a fraction of `lr`
+    loss: str = "infonce"  # "infonce" (CLIP) or "sigmoid" (SigLIP, with a learned logit bias)
+
+    def __post_init__(self):
+        if self.loss not in INIT_TEMPERATURE:
+            raise UsageError(f"unknown loss {self.loss!r}; choose one of: {', '.join(INIT_TEMPERATURE)}")
+        if self.init_temperature is None:
+            self.init_temperature = INIT_TEMPERATURE[self.loss]
+
+
+#: each loss's initial temperature: CLIP's 0.07, SigLIP's 0.1 (logit scale 10)
+INIT_TEMPERATURE = {"infonce": 0.07, "sigmoid": 0.1}
+#: SigLIP's initial logit bias: a batch of n has n - 1 non-matching pairs per match, and a start
+#: far below 0 agrees with that prior, so the first steps need no large correction
+SIGMOID_INIT_BIAS = -10.0
 
 
 #: AdamW weight decay of unfrozen tower blocks (pretrained weights: decay gently)
@@ -153,6 +172,25 @@ def multi_positive_infonce(img, txt, owner, scale):
     own = owner[None, :] == torch.arange(len(logits), device=logits.device)[:, None]
     i2t = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~own, float("-inf")), 1)).mean()
     return (t2i + i2t) / 2
+
+
+def sigmoid_pair_loss(img, txt, scale, bias):
+    """SigLIP's loss: -log sigmoid(z_ij (scale · cos(img_i, txt_j) + bias)) summed over the batch's
+    similarity matrix and divided by the batch size; z_ij = 1 for the batch's pairs (i = j), else -1."""
+    import torch
+
+    return multi_positive_sigmoid_loss(img, txt, torch.arange(len(img), device=img.device), scale, bias)
+
+
+def multi_positive_sigmoid_loss(img, txt, owner, scale, bias):
+    """The sigmoid loss when image i owns every caption j with `owner[j] == i` (z_ij = 1 for each of
+    them, -1 elsewhere): summed over the (images, captions) matrix, divided by the number of images."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T + bias
+    own = owner[None, :] == torch.arange(len(logits), device=logits.device)[:, None]
+    return -F.logsigmoid(torch.where(own, logits, -logits)).sum() / len(logits)
 
 
 def _caption_table(caption_image: np.ndarray) -> np.ndarray:
@@ -254,12 +292,20 @@ def fit_heads(
         HeadSpec(start_feats.shape[1], config.dim, config.hidden, config.dropout),
         HeadSpec(start_text.shape[1], config.dim, config.hidden, config.dropout),
         init_logit_scale=1.0 / config.init_temperature,
+        logit_bias=SIGMOID_INIT_BIAS if config.loss == "sigmoid" else None,
     )
     if init_heads is None:
         heads.image.set_stats(start_feats)
         heads.text.set_stats(start_text)
     del start_feats, start_text
     if init_heads is not None:
+        # only sigmoid-loss heads have a bias: heads without one (the shipped mini's) start it at
+        # SIGMOID_INIT_BIAS, and an infonce run leaves a sigmoid checkpoint's unused
+        init_heads = dict(init_heads)
+        if heads.logit_bias is None:
+            init_heads.pop("logit_bias", None)
+        else:
+            init_heads.setdefault("logit_bias", heads.logit_bias.detach().clone())
         try:
             heads.load_state_dict(init_heads)
         except RuntimeError as e:
@@ -283,21 +329,34 @@ def fit_heads(
 
     table = torch.from_numpy(_caption_table(caption_image)).to(device) if config.all_captions else None
 
+    sigmoid = config.loss == "sigmoid"
+
     def step_loss(b):
         """The loss of one batch of captions (of distinct images)."""
         images = cap_img[b]
         if table is None:
-            return symmetric_infonce(heads.image(image_batch(images)), heads.text(text_batch(b)), heads.scale())
+            img, txt = heads.image(image_batch(images)), heads.text(text_batch(b))
+            if sigmoid:
+                return sigmoid_pair_loss(img, txt, heads.scale(), heads.logit_bias)
+            return symmetric_infonce(img, txt, heads.scale())
         caps = table[images]  # (batch, most captions of an image)
         keep = caps >= 0
         owner = torch.arange(len(b), device=device)[:, None].expand_as(caps)[keep]
-        return multi_positive_infonce(heads.image(image_batch(images)), heads.text(text_batch(caps[keep])), owner, heads.scale())
+        img, txt = heads.image(image_batch(images)), heads.text(text_batch(caps[keep]))
+        if sigmoid:
+            return multi_positive_sigmoid_loss(img, txt, owner, heads.scale(), heads.logit_bias)
+        return multi_positive_infonce(img, txt, owner, heads.scale())
 
     def image_batch(idx):
         x = img_t[idx]
         return image_tail(x) if image_tail is not None else x
 
-    groups = [{"params": list(heads.parameters()), "lr": config.lr, "weight_decay": config.weight_decay}]
+    groups = [{
+        "params": [p for n, p in heads.named_parameters() if n != "logit_bias"], "lr": config.lr,
+        "weight_decay": config.weight_decay,
+    }]
+    if heads.logit_bias is not None:  # decay would pull the bias from its -10 start towards 0
+        groups.append({"params": [heads.logit_bias], "lr": config.lr, "weight_decay": 0.0})
     if tail_params:
         groups.append({
             "params": list(tail_params.values()), "lr": config.lr * config.tower_lr_scale,
