@@ -17,7 +17,7 @@ from conftest import SHARED_DATA, TINY
 
 from searchkit.encoders import Encoder, get_encoder, l2_normalize
 from searchkit.evaluate import class_folders, evaluate_retrieval, evaluate_zeroshot, retrieval_ranks, retrieval_recall
-from searchkit.train import TrainConfig, distinct_image_batches, train
+from searchkit.train import TrainConfig, distinct_image_batches, fit_heads, train
 
 COLORS = {
     "red": (220, 30, 30),
@@ -206,6 +206,169 @@ def test_train_with_all_captions_per_step(pair_data, tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert json.loads((tmp_path / "all" / "config.json").read_text())["training"]["config"]["all_captions"] is True
     get_encoder(str(tmp_path / "all")).encode_texts(["a red square"])  # the checkpoint loads
+
+
+def test_sigmoid_losses_match_hand_computed_values():
+    import math
+
+    import torch
+
+    from searchkit.train.contrastive import multi_positive_sigmoid_loss, sigmoid_pair_loss
+
+    def nls(x):  # -log sigmoid(x)
+        return math.log1p(math.exp(-x))
+
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # normalized: (0.6, 0.8), (0, 1)
+    # cosines [[0.6, 0], [0.8, 1]]; logits 2·cos - 1 = [[0.2, -1], [0.6, 1]]; z = +1 on the diagonal
+    want = (nls(0.2) + nls(1.0) + nls(-0.6) + nls(1.0)) / 2
+    got = float(sigmoid_pair_loss(img, txt, torch.tensor(2.0), torch.tensor(-1.0)))
+    assert got == pytest.approx(want, rel=1e-6)
+
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])  # captions 0, 1 belong to image 0
+    owner = torch.tensor([0, 0, 1])
+    sims = [[1.0, 0.6, 0.0], [0.0, 0.8, 1.0]]
+    z = [[1, 1, -1], [-1, -1, 1]]
+    want = sum(nls(z[i][j] * (2 * sims[i][j] - 1)) for i in range(2) for j in range(3)) / 2  # per image
+    got = float(multi_positive_sigmoid_loss(img, txt, owner, torch.tensor(2.0), torch.tensor(-1.0)))
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_train_with_sigmoid_loss_learns_a_bias_and_round_trips(pair_data, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from searchkit.train import contrastive
+
+    from searchkit.errors import UsageError
+
+    trained = []  # what fit_heads returns inside train(): the heads to compare the checkpoint with
+    fit = contrastive.fit_heads
+    monkeypatch.setattr(contrastive, "fit_heads", lambda *a, **kw: trained.append(fit(*a, **kw)) or trained[-1])
+    out = tmp_path / "sig"
+    cfg = TrainConfig(image_tower=TINY, text_tower=TINY, dim=16, epochs=4, batch_size=8, lr=5e-3, dropout=0.0,
+                      patience=10, loss="sigmoid")
+    assert cfg.init_temperature == 0.1 and TrainConfig().init_temperature == 0.07  # SigLIP's start, CLIP's
+    with pytest.raises(UsageError, match="unknown loss 'softmax'"):
+        TrainConfig(loss="softmax")
+    result = train(
+        pair_data / "captions.csv", pair_data / "images", out, cfg,
+        val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False,
+    )
+    losses = [h.loss for h in result.history]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result.history[0].temperature == pytest.approx(0.1, rel=0.1)
+    heads = trained[0][0]
+    bias = heads.logit_bias.item()
+    assert bias != contrastive.SIGMOID_INIT_BIAS  # learned
+
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["loss"] == "sigmoid" and saved["logit_bias"] == bias and saved["version"] == 4
+    assert saved["training"]["config"]["loss"] == "sigmoid" and saved["training"]["config"]["init_temperature"] == 0.1
+    assert float(load_file(str(out / "heads.safetensors"))["logit_bias"]) == bias
+
+    enc = get_encoder(str(out), device="cpu")
+    assert enc.heads.logit_bias.item() == bias
+    state = heads.state_dict()
+    assert set(enc.heads.state_dict()) == set(state)
+    for key, value in enc.heads.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    texts = ["a red square", "stripe in blue"]
+    with torch.no_grad():
+        by_hand = l2_normalize(heads.text(enc.text_tower.features(texts)))
+    np.testing.assert_array_equal(enc.encode_texts(texts), by_hand)
+    report = evaluate_retrieval(enc, pair_data / "captions.csv", pair_data / "images", split=pair_data / "val.txt")
+    for key, value in result.best.items():
+        assert report["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_train_with_sigmoid_loss_and_all_captions(pair_data, tmp_path):
+    kw = dict(val_split=pair_data / "val.txt", cache_dir=tmp_path / "cache", device="cpu", plot=False)
+    cfg = TrainConfig(image_tower=TINY, text_tower=TINY, dim=16, epochs=3, batch_size=8, lr=5e-3, dropout=0.0,
+                      patience=10, loss="sigmoid", all_captions=True)
+    result = train(pair_data / "captions.csv", pair_data / "images", tmp_path / "all", cfg, **kw)
+    losses = [h.loss for h in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["logit_bias"] != -10  # learned from this loss
+    one = train(pair_data / "captions.csv", pair_data / "images", tmp_path / "one",
+                TrainConfig(**{**cfg.__dict__, "all_captions": False}), **kw)
+    assert [h.loss for h in one.history] != pytest.approx(losses)  # the multi-positive loss is really used
+
+
+def test_checkpoints_without_a_bias_load_as_before(tmp_path):
+    """The shipped mini (infonce, no bias) loads, and saves back byte for byte; a bias only appears
+    in heads built with one."""
+    import torch
+    from safetensors.torch import load_file
+
+    from searchkit.encoders.mini import MINI_DIR, HeadSpec, build_heads, head_config, load_heads, read_config, save_checkpoint
+
+    cfg = read_config(MINI_DIR)
+    assert "loss" not in cfg and "logit_bias" not in cfg and cfg["version"] == 1
+    heads = load_heads(MINI_DIR, cfg)
+    assert heads.logit_bias is None and "logit_bias" not in heads.state_dict()
+    save_checkpoint(tmp_path / "again", heads, {k: v for k, v in cfg.items() if k not in ("format", "version", "logit_scale")})
+    assert (tmp_path / "again" / "heads.safetensors").read_bytes() == (MINI_DIR / "heads.safetensors").read_bytes()
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == cfg
+
+    spec = HeadSpec(4, 2)
+    for bias in (None, -3.5):
+        heads = build_heads(spec, spec, logit_bias=bias)
+        save_checkpoint(tmp_path / str(bias), heads, {"image_tower": TINY, "text_tower": TINY, **head_config(spec, spec)})
+        saved = read_config(tmp_path / str(bias))
+        assert ("logit_bias" in load_file(str(tmp_path / str(bias) / "heads.safetensors"))) is (bias is not None)
+        assert saved.get("loss") == (None if bias is None else "sigmoid") and saved.get("logit_bias") == bias
+        assert saved["version"] == (1 if bias is None else 4)
+        loaded = load_heads(tmp_path / str(bias))
+        assert (loaded.logit_bias is None) if bias is None else loaded.logit_bias.item() == bias
+        assert torch.equal(loaded.log_scale, heads.log_scale)
+
+
+def test_sigmoid_training_from_infonce_heads_starts_the_bias_at_its_init():
+    """--init-from mini --loss sigmoid: mini's heads, the bias at -10; an infonce run from sigmoid
+    heads leaves their bias out."""
+    import torch
+
+    from searchkit.encoders.mini import MINI_DIR, load_heads
+    from searchkit.train.contrastive import SIGMOID_INIT_BIAS
+
+    mini = load_heads(MINI_DIR).state_dict()
+    rng = np.random.default_rng(0)
+    img, txt = (rng.normal(size=(n, d)).astype(np.float32) for n, d in ((8, 1664), (16, 384)))
+    caption_image = np.repeat(np.arange(8), 2)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=0.0, loss="sigmoid")  # lr 0: the heads stay at their start
+    heads = fit_heads(img, txt, caption_image, (img, txt, caption_image), cfg, init_heads=mini)[0]
+    assert heads.logit_bias.item() == SIGMOID_INIT_BIAS
+    state = heads.state_dict()
+    assert set(state) == {*mini, "logit_bias"}
+    for key, value in mini.items():
+        assert torch.equal(state[key], value), key
+
+    back = fit_heads(img, txt, caption_image, (img, txt, caption_image), TrainConfig(epochs=1, batch_size=4, lr=0.0),
+                     init_heads=state)[0]
+    assert back.logit_bias is None and set(back.state_dict()) == set(mini)
+
+
+def test_cli_train_with_sigmoid_loss(pair_data, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from searchkit.cli.train_eval import register
+
+    app = typer.Typer()
+    app.command("noop")(lambda: None)
+    register(app)
+    args = ["train", str(pair_data / "captions.csv"), "--images", str(pair_data / "images"), "--out", str(tmp_path / "m"),
+            "--val-fraction", "0.25", "--image-tower", TINY, "--text-tower", TINY, "--dim", "8", "--epochs", "1",
+            "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--json"]
+    res = CliRunner().invoke(app, [*args, "--loss", "sigmoid"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["loss"] == "sigmoid" and saved["training"]["config"]["init_temperature"] == 0.1
+    res = CliRunner().invoke(app, [*args, "--loss", "sigmoid", "--temperature", "0.05"])
+    assert res.exit_code == 0 and json.loads((tmp_path / "m" / "config.json").read_text())["training"]["config"]["init_temperature"] == 0.05
+    res = CliRunner().invoke(app, [*args, "--loss", "softmax"])
+    assert res.exit_code == 2 and "softmax" in res.output
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
