@@ -54,7 +54,8 @@ def train_cmd(
         "image–caption pair of the batch a match / no-match decision, with a learned logit bias from -10).",
     ),
     temperature: Optional[float] = typer.Option(
-        None, "--temperature", help="Initial temperature (learned). [default: 0.07 with --loss infonce, 0.1 with --loss sigmoid]",
+        None, "--temperature", help="Initial temperature (learned); its default follows --loss (CLIP's, SigLIP's).",
+        show_default="0.07 with --loss infonce, 0.1 with --loss sigmoid",  # a help text's [default: ...] is eaten as markup
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (splits, batches, init)."),
     unfreeze_image_blocks: int = typer.Option(
