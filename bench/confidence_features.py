@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -51,12 +52,13 @@ def embeddings(model: str, root: Path, data: Path):
 
     names = [n.strip() for n in (data / "splits" / "dev.txt").read_text().splitlines() if n.strip()]
     captions = read_captions(data)
-    cache = root / f"features-{model}.npz"
+    slug = re.sub(r"[^A-Za-z0-9_.+-]", "_", model)  # a checkpoint path is a model spec too
+    cache = root / f"features-{slug}.npz"
     if cache.exists():
         d = np.load(cache)
         img, cap, bank = d["images"], d["captions"], d["bank"]
     else:
-        with open_index(root / f"dev-all-{model}", create=True, model=model) as idx:
+        with open_index(root / f"dev-all-{slug}", create=True, model=model) as idx:
             idx.add([data / "images" / n for n in names])
             ids, vecs = next(idx.store.iter_vectors("image", idx.dim, chunk=10**9))
             rows = idx.store.item_rows(ids)
