@@ -27,10 +27,10 @@ class VectorKind(str, Enum):
 VectorIndexOpt = typer.Option(
     None,
     "--vector-index",
-    help="Vector index: auto (exact up to 1M vectors, then HNSW or IVF-PQ as memory allows), flat (exact), hnsw, ivf-pq. [default: the bundle's, else auto]",
+    help="Vector index: auto (exact up to 1M vectors, then HNSW or IVF-PQ as memory allows), flat (exact), hnsw, ivf-pq. \\[default: the bundle's, else auto]",
 )
 MaxMemoryOpt = typer.Option(
-    None, "--max-memory", help="Memory budget of the vector indexes, e.g. 512M or 4G. [default: the bundle's, else half of RAM]"
+    None, "--max-memory", help="Memory budget of the vector indexes, e.g. 512M or 4G. \\[default: the bundle's, else half of RAM]"
 )
 
 
@@ -39,14 +39,14 @@ def index_cmd(
     paths: List[str] = typer.Argument(..., help="Image folders (recursive), image files, or text corpora (.txt .csv .tsv .jsonl); local paths or object-store URLs (s3://, gs://, file://)."),
     index: Optional[str] = IndexOpt,
     model: str = typer.Option("auto", "--model", "-m", help="Model spec: auto, mini, open_clip:ARCH@TAG, or a checkpoint folder."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of .csv/.tsv/.jsonl corpora. [default: text, else caption]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model call. [default: the model's]"),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image decode threads. [default: CPU count, 2..8]"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of .csv/.tsv/.jsonl corpora. \\[default: text, else caption]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model call. \\[default: the model's]"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image decode threads. \\[default: CPU count, 2..8]"),
     vector_index: Optional[VectorKind] = VectorIndexOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
-    engine: Engine = typer.Option(Engine.local, "--engine", help="Where decoding and encoding run: local (this process) or ray (a Ray cluster; needs searchkit[ray])."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster: auto, or HOST:PORT of its head. [default: $RAY_ADDRESS, else a Ray instance on this machine]"),
-    encoders: Optional[int] = typer.Option(None, "--encoders", min=1, help="Ray: encoder actors, each loading the model once. [default: GPUs / --gpus-per-encoder, else CPUs / 4]"),
+    engine: Engine = typer.Option(Engine.local, "--engine", help="Where decoding and encoding run: local (this process) or ray (a Ray cluster; needs searchkit\\[ray])."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster: auto, or HOST:PORT of its head. \\[default: $RAY_ADDRESS, else a Ray instance on this machine]"),
+    encoders: Optional[int] = typer.Option(None, "--encoders", min=1, help="Ray: encoder actors, each loading the model once. \\[default: GPUs / --gpus-per-encoder, else CPUs / 4]"),
     gpus_per_encoder: float = typer.Option(0, "--gpus-per-encoder", min=0, help="Ray: GPUs per encoder actor (0: encode on CPU)."),
     cpus_per_decoder: float = typer.Option(1, "--cpus-per-decoder", min=0.01, help="Ray: CPUs per read/decode/preprocess task."),
     json_out: bool = JsonOpt,
@@ -144,7 +144,7 @@ def reindex_cmd(
     index: Optional[str] = IndexOpt,
     vector_index: VectorKind = typer.Option(..., "--vector-index", help="auto, flat, hnsw or ivf-pq."),
     max_memory: Optional[str] = MaxMemoryOpt,
-    target_recall: Optional[float] = typer.Option(None, "--target-recall", min=0.01, max=1.0, help="recall@10 to tune search parameters to. [default: 0.95]"),
+    target_recall: Optional[float] = typer.Option(None, "--target-recall", min=0.01, max=1.0, help="recall@10 to tune search parameters to. \\[default: 0.95]"),
     json_out: bool = JsonOpt,
 ):
     """Rebuild the vector indexes from the embeddings stored in the bundle (no image is re-encoded)."""

@@ -14,11 +14,11 @@ from .output import handle_errors, print_json, rel_path, table
 def dupes_cmd(
     threshold: Optional[float] = typer.Option(
         None, "--threshold", "-t", min=0.0, max=1.0,
-        help="Embedding cosine a pair must reach to be checked. [default: 0.65]",
+        help="Embedding cosine a pair must reach to be checked. \\[default: 0.65]",
     ),
     min_pixels: Optional[float] = typer.Option(
         None, "--min-pixel-similarity", min=-1.0, max=1.0,
-        help="Thumbnail correlation a pair must also reach (separates a re-saved photo from another shot of the scene). [default: 0.80]",
+        help="Thumbnail correlation a pair must also reach (separates a re-saved photo from another shot of the scene). \\[default: 0.80]",
     ),
     index: Optional[str] = IndexOpt,
     json_out: bool = JsonOpt,

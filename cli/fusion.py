@@ -49,8 +49,8 @@ class Side(str, Enum):
 
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output (JSON) on stdout.")
 ModelOpt = typer.Option("auto", "--model", "-m", help="Encoder spec: auto, mini, open_clip:ARCH@TAG, or a checkpoint folder.")
-ImagesOpt = typer.Option(None, "--images", help="Folder the CSV's image names are relative to. [default: the CSV's folder]")
-CacheOpt = typer.Option(None, "--cache-dir", help="Feature cache folder. [default: $SEARCHKIT_CACHE/fusion or ~/.cache/searchkit/fusion]")
+ImagesOpt = typer.Option(None, "--images", help="Folder the CSV's image names are relative to. \\[default: the CSV's folder]")
+CacheOpt = typer.Option(None, "--cache-dir", help="Feature cache folder. \\[default: $SEARCHKIT_CACHE/fusion or ~/.cache/searchkit/fusion]")
 
 
 def _columns(image_col: str | None, text_col: str | None, label_col: str | None, base=None):
@@ -99,7 +99,7 @@ def train_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="Training epochs."),
     val_split: float = typer.Option(0.1, "--val-split", min=0.0, max=0.9, help="Share of rows held out (per class) to pick the best epoch; 0: keep the last."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class list (order kept); every class needs rows. [default: the labels found]"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class list (order kept); every class needs rows. \\[default: the labels found]"),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Rows per step."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (one-cycle)."),
     hidden: int = typer.Option(256, "--hidden", min=2, help="Hidden width of the fusion MLP."),
@@ -162,12 +162,12 @@ def eval_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL", help="Fusion model folder (from fusion train)."),
     data: Path = typer.Argument(..., help="Labelled CSV to evaluate on."),
     images: Optional[Path] = ImagesOpt,
-    image_col: Optional[str] = typer.Option(None, "--image-col", help="[default: the model's training column]"),
-    text_col: Optional[str] = typer.Option(None, "--text-col", help="[default: the model's training column]"),
-    label_col: Optional[str] = typer.Option(None, "--label-col", help="[default: the model's training column]"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Encoder spec; must be the one the model was trained on. [default: that one]"),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help="\\[default: the model's training column]"),
+    text_col: Optional[str] = typer.Option(None, "--text-col", help="\\[default: the model's training column]"),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help="\\[default: the model's training column]"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Encoder spec; must be the one the model was trained on. \\[default: that one]"),
     drop: Optional[Side] = typer.Option(None, "--drop", help="Hide this side of every row (missing-modality accuracy)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for eval.json and confusion.png. [default: MODEL]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for eval.json and confusion.png. \\[default: MODEL]"),
     cache_dir: Optional[Path] = CacheOpt,
     json_out: bool = JsonOpt,
 ):
@@ -216,7 +216,7 @@ def predict_cmd(
     image: Optional[Path] = typer.Option(None, "--image", help="Image file (may be left out)."),
     text: Optional[str] = typer.Option(None, "--text", help="Text (may be left out)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: the image beside a probability bar chart."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Encoder spec; must be the model's own. [default: that one]"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Encoder spec; must be the model's own. \\[default: that one]"),
     json_out: bool = JsonOpt,
 ):
     """The label and class probabilities for an image, a text, or both."""
@@ -252,8 +252,8 @@ def ablate_cmd(
     image_col: str = typer.Option("image", "--image-col", help="Column of image file names."),
     text_col: str = typer.Option("text", "--text-col", help="Column of texts."),
     label_col: str = typer.Option("label", "--label-col", help="Column of class labels."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Labelled CSV to score on. [default: --test-split of DATA]"),
-    eval_images: Optional[Path] = typer.Option(None, "--eval-images", help="Image folder of --eval-data. [default: --images]"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Labelled CSV to score on. \\[default: --test-split of DATA]"),
+    eval_images: Optional[Path] = typer.Option(None, "--eval-images", help="Image folder of --eval-data. \\[default: --images]"),
     test_split: float = typer.Option(0.2, "--test-split", min=0.0, max=0.9, help="Share of DATA held out for scoring when there is no --eval-data."),
     methods: str = typer.Option("concat,gated,attention", "--methods", help="Comma-separated fusion methods for the both-modality runs."),
     modalities: str = typer.Option("text,image,both", "--modalities", help="Comma-separated modalities to run."),

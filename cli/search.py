@@ -84,15 +84,15 @@ def query_cmd(
 def classify_cmd(
     paths: List[Path] = typer.Argument(..., help="Images or folders of images."),
     labels: Optional[str] = typer.Option(
-        None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car". [default with --examples: its folder names]'
+        None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car". \\[default with --examples: its folder names]'
     ),
     examples: Optional[Path] = typer.Option(
         None, "--examples", "-e", help="Folder with a sub-folder of a few example images per label (DIR/<label>/): few-shot.",
     ),
     template: Optional[List[str]] = typer.Option(
-        None, "--template", "-t", help='Prompt template with {} for the label; repeat for an ensemble. [default: a built-in ensemble]'
+        None, "--template", "-t", help='Prompt template with {} for the label; repeat for an ensemble. \\[default: a built-in ensemble]'
     ),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec. [default: the --index bundle's model if it exists, else auto]"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec. \\[default: the --index bundle's model if it exists, else auto]"),
     index: Optional[str] = IndexOpt,
     json_out: bool = JsonOpt,
 ):

@@ -35,7 +35,7 @@ def app_from_env():
 
 def serve_cmd(
     index: Optional[List[str]] = typer.Option(
-        None, "--index", "-i", help="Index name (under $SEARCHKIT_HOME) or bundle folder; repeat to serve several. [default: default]"
+        None, "--index", "-i", help="Index name (under $SEARCHKIT_HOME) or bundle folder; repeat to serve several. \\[default: default]"
     ),
     all_: bool = typer.Option(False, "--all", help="Serve every bundle under $SEARCHKIT_HOME."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback needs --token (or --no-auth)."),

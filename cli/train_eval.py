@@ -36,8 +36,8 @@ def train_cmd(
     images: Path = typer.Option(..., "--images", help="Folder the CSV's image names are relative to."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (usable as --model PATH)."),
     val_split: Optional[Path] = typer.Option(None, "--val-split", help="File of validation image names, one a line."),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Random share of images for validation. [default: 0.1 without --val-split]"),
-    train_split: Optional[Path] = typer.Option(None, "--train-split", help="File of training image names. [default: all non-validation images]"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Random share of images for validation. \\[default: 0.1 without --val-split]"),
+    train_split: Optional[Path] = typer.Option(None, "--train-split", help="File of training image names. \\[default: all non-validation images]"),
     image_tower: str = typer.Option("efficientnet_lite0+conse", "--image-tower", help="efficientnet_lite0|1|2, optionally +conse (pip-shipped), or open_clip:ARCH@TAG."),
     text_tower: str = typer.Option("all-MiniLM-L6-v2", "--text-tower", help="all-MiniLM-L6-v2 (pip-shipped) or open_clip:ARCH@TAG."),
     dim: int = typer.Option(256, "--dim", min=2, help="Shared embedding dimension."),
@@ -55,7 +55,7 @@ def train_cmd(
     ),
     temperature: Optional[float] = typer.Option(
         None, "--temperature", help="Initial temperature (learned); its default follows --loss (CLIP's, SigLIP's).",
-        show_default="0.07 with --loss infonce, 0.1 with --loss sigmoid",  # a help text's [default: ...] is eaten as markup
+        show_default="0.07 with --loss infonce, 0.1 with --loss sigmoid",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (splits, batches, init)."),
     unfreeze_image_blocks: int = typer.Option(
@@ -85,8 +85,8 @@ def train_cmd(
     text_lr_scale: float = typer.Option(
         0.04, "--text-lr-scale", min=0.0, help="Learning rate of tuned text layers, as a fraction of --lr (0.04: 2e-5 at the default --lr).",
     ),
-    device: Optional[str] = typer.Option(None, "--device", help="torch device. [default: cuda when present, else cpu]"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Tower feature cache. [default: $SEARCHKIT_CACHE/features or ~/.cache/searchkit/features]"),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device. \\[default: cuda when present, else cpu]"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Tower feature cache. \\[default: $SEARCHKIT_CACHE/features or ~/.cache/searchkit/features]"),
     json_out: bool = JsonOpt,
 ):
     """Train projection heads on frozen towers (CLIP-style), optionally fine-tuning the image tower's
@@ -150,7 +150,7 @@ def train_cmd(
 def eval_retrieval_cmd(
     captions: Path = typer.Option(..., "--captions", help="CSV with columns image,caption."),
     images: Path = typer.Option(..., "--images", help="Folder the CSV's image names are relative to."),
-    split: Optional[Path] = typer.Option(None, "--split", help="File of image names to evaluate on. [default: every image in the CSV]"),
+    split: Optional[Path] = typer.Option(None, "--split", help="File of image names to evaluate on. \\[default: every image in the CSV]"),
     model: str = ModelOpt,
     json_out: bool = JsonOpt,
 ):
@@ -170,11 +170,11 @@ def eval_retrieval_cmd(
 
 
 OutOpt = typer.Option(
-    Path("build/eval"), "--out", "-o", help="Folder the eval command writes its PNG into. [default: build/eval]"
+    Path("build/eval"), "--out", "-o", help="Folder the eval command writes its PNG into."
 )
 NoPlotOpt = typer.Option(False, "--no-plot", help="Do not write the PNG.")
 TemplateOpt = typer.Option(
-    None, "--template", "-t", help="Prompt template with {} for the label; repeat for an ensemble. [default: a built-in ensemble]"
+    None, "--template", "-t", help="Prompt template with {} for the label; repeat for an ensemble. \\[default: a built-in ensemble]"
 )
 
 

@@ -165,6 +165,22 @@ def test_console_script_and_module_entry_points(tmp_path):
     assert r.returncode == 0 and "index" in r.stdout
 
 
+@pytest.mark.parametrize("argv, shown", [
+    (["index", "--help"], ["[default: the model's]", "[default: CPU count, 2..8]", "needs searchkit[ray]"]),
+    (["classify", "--help"], ["[default with --examples: its folder names]"]),
+    (["dupes", "--help"], ["[default: 0.65]"]),
+    (["fusion", "eval", "--help"], ["[default: the model's training column]"]),
+])
+def test_help_keeps_bracketed_text(argv, shown):
+    """Rich reads "[...]" in a help text as markup and drops it unless escaped: the defaults
+    that options compute at run time must still be printed."""
+    r = runner.invoke(app, argv, env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.replace("│", " ").split())
+    for s in shown:
+        assert s in text, (s, text)
+
+
 @pytest.mark.slow
 def test_wheel_ships_cli_inside_the_package(tmp_path):
     """`cli/` is installed as `searchkit.cli`, never as a top-level `cli` module."""
