@@ -379,6 +379,25 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         get_encoder(str(tmp_path / "empty"), device="cpu")
 
 
+def test_heads_that_do_not_fit_their_config_name_the_keys(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from searchkit.encoders.mini import MINI_DIR, WEIGHTS_FILE
+    from searchkit.errors import ModelUnavailableError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(MINI_DIR, ckpt)
+    state = load_file(str(ckpt / WEIGHTS_FILE))
+    del state["log_scale"]
+    save_file(state, str(ckpt / WEIGHTS_FILE))
+    with pytest.raises(ModelUnavailableError) as err:
+        get_encoder(str(ckpt), device="cpu")
+    msg = str(err.value)
+    assert "Missing key(s)" in msg and "log_scale" in msg and "\n" not in msg, msg
+
+
 class ColorEncoder(Encoder):
     """Deterministic: an image is its mean colour; a text is the colour its words name."""
 

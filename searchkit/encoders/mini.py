@@ -223,7 +223,7 @@ def load_tuned_tower(tower: Any, folder: Path, cfg: dict, key: str = "image_towe
     try:
         state = load_file(str(path))
     except (RuntimeError, OSError) as e:
-        raise ModelUnavailableError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
+        raise ModelUnavailableError(f"cannot load {path}: {_load_error(e)}") from e
     tower.load_tuned(state)
 
 
@@ -237,8 +237,15 @@ def load_heads(folder: str | os.PathLike, cfg: dict | None = None, device: str =
     try:
         heads.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except (RuntimeError, OSError) as e:
-        raise ModelUnavailableError(f"cannot load {folder / WEIGHTS_FILE}: {str(e).splitlines()[0]}") from e
+        raise ModelUnavailableError(f"cannot load {folder / WEIGHTS_FILE}: {_load_error(e)}") from e
     return heads.to(device).eval()
+
+
+def _load_error(e: Exception) -> str:
+    """One line that says what is wrong: torch's state-dict errors open with a generic header
+    ("Error(s) in loading state_dict for DualHeads:") and name the keys on the next line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
 
 
 def head_config(image: HeadSpec, text: HeadSpec) -> dict:
