@@ -64,3 +64,16 @@ def cpu_count() -> int:
     from searchkit.machine import cpu_cores
 
     return cpu_cores()
+
+
+def stratified_folds(truth, n_classes: int, k: int = 5, seed: int = 0) -> list:
+    """(train, test) index arrays of a k-fold split in which each class is spread evenly over
+    the folds (seeded), for the few-shot benchmarks' cross-validation ceilings."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(truth), dtype=np.int64)
+    for c in range(n_classes):
+        ix = np.flatnonzero(truth == c)
+        fold[rng.permutation(ix)] = np.arange(len(ix)) % k
+    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import stratified_folds  # noqa: E402
 
 VIEWS = ("base", "flip", "s256", "s288", "crop256")
 
@@ -163,11 +165,7 @@ def main() -> None:
         clf = FewShotClassifier.from_embeddings(labels, text, emb[sup], fs, truth[sup], s, "", None)
         return 100.0 * float((clf.logits(emb[q], fq).argmax(1) == truth[q]).mean())
 
-    by_class = [np.flatnonzero(truth == c) for c in range(n)]
-    folds = np.empty(len(truth), np.int64)
-    rng = np.random.default_rng(0)
-    for ix in by_class:  # stratified: each class spread evenly over the 5 folds
-        folds[rng.permutation(ix)] = np.arange(len(ix)) % 5
+    folds = stratified_folds(truth, n)
     out = {}
     for name, (feats, extra) in variants.items():
         row = {}
@@ -176,7 +174,7 @@ def main() -> None:
             accs = [score(feats, extra, sup, q) for sup, q in draws_of(truth, n, k, args.draws)]
             row[f"{k}-shot"] = round(float(np.mean(accs)), 1)
             row[f"{k}-shot std"] = round(float(np.std(accs)), 1)
-        hits = sum(score(feats, extra, np.flatnonzero(folds != f), np.flatnonzero(folds == f)) * (folds == f).sum() for f in range(5))
+        hits = sum(score(feats, extra, train, test) * len(test) for train, test in folds)
         row["cv5"] = round(float(hits / len(truth)), 1)
         out[name] = row
     print(json.dumps({"benchmark": "fewshot_features", "folder": Path(args.folder).name, "model": enc.spec,

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import stratified_folds  # noqa: E402
 
 TOWERS = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
 
@@ -49,16 +51,6 @@ def accuracy(feats: np.ndarray, truth: np.ndarray, support: np.ndarray, query: n
     return float((np.argmax(x[query] @ w.T, axis=1) == truth[query]).mean())
 
 
-def folds(truth: np.ndarray, n: int, k: int = 5):
-    rng = np.random.default_rng(0)
-    fold = np.empty(len(truth), dtype=np.int64)
-    for c in range(n):
-        ix = rng.permutation(np.flatnonzero(truth == c))
-        fold[ix] = np.arange(len(ix)) % k
-    for f in range(k):
-        yield np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-
-
 def main() -> None:
     from searchkit.eval_fewshot import draws_of
     from searchkit.evaluate import class_folders
@@ -83,7 +75,7 @@ def main() -> None:
         for k in (4, 16):
             acc = [accuracy(feats, truth, s, q, n) for s, q in draws_of(truth, n, k, args.draws)]
             row[f"{k}_shots"] = {"mean": round(100 * float(np.mean(acc)), 1), "std": round(100 * float(np.std(acc)), 1)}
-        row["cv5_ceiling"] = round(100 * float(np.mean([accuracy(feats, truth, s, q, n) for s, q in folds(truth, n)])), 1)
+        row["cv5_ceiling"] = round(100 * float(np.mean([accuracy(feats, truth, s, q, n) for s, q in stratified_folds(truth, n)])), 1)
         out["towers"][spec] = row
         print(spec, json.dumps(row), file=sys.stderr)
     print(json.dumps(out, indent=1))
