@@ -238,9 +238,8 @@ def test_train_with_sigmoid_loss_learns_a_bias_and_round_trips(pair_data, tmp_pa
     import torch
     from safetensors.torch import load_file
 
-    from searchkit.train import contrastive
-
     from searchkit.errors import UsageError
+    from searchkit.train import contrastive
 
     trained = []  # what fit_heads returns inside train(): the heads to compare the checkpoint with
     fit = contrastive.fit_heads
@@ -350,14 +349,10 @@ def test_sigmoid_training_from_infonce_heads_starts_the_bias_at_its_init():
 
 
 def test_cli_train_with_sigmoid_loss(pair_data, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from searchkit.cli.train_eval import register
+    from searchkit.cli.main import app
 
-    app = typer.Typer()
-    app.command("noop")(lambda: None)
-    register(app)
     args = ["train", str(pair_data / "captions.csv"), "--images", str(pair_data / "images"), "--out", str(tmp_path / "m"),
             "--val-fraction", "0.25", "--image-tower", TINY, "--text-tower", TINY, "--dim", "8", "--epochs", "1",
             "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--json"]
